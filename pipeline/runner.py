@@ -1,0 +1,221 @@
+"""The runner: plans input shards on the driver, then lets Ray Data stream shards through the
+stages. Map stages are consecutive ``map_batches`` steps over a dataset of shard ids (one block per
+shard), so shard k enters stage 2 while shard k+1 is still downloading; a global stage is a
+barrier: its partials finish, a Ray task reduces them, and a new streaming run applies the result.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI on import
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from pipeline import __version__
+from pipeline.inputs import input_fingerprint, plan_shards
+from pipeline.job import Job
+from pipeline.manifest import write_manifest
+from pipeline.progress import Progress
+from pipeline.stage import StageContext, get_stage_class
+from pipeline.steps import StepFailure, StepRunner, StepSpec, config_hash
+from pipeline.storage import Dataset, json_bytes
+
+log = logging.getLogger("recap")
+PLAN = "input/_plan.json"
+DERIVED = ("input", "shards", "stages", "ledger", "commits", "logs")
+
+
+class JobFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class RunResult:
+    dataset: str
+    n_shards: int
+    steps: list[str]
+    seconds: float
+    counts: dict = field(default_factory=dict)
+
+
+def plan_input(ds: Dataset, job: Job) -> tuple[int, str]:
+    """Cut the input into ``input/NNNNN.parquet`` once; reuse the cut while the input and the way
+    it is read are unchanged. A changed input invalidates everything derived from it."""
+    sps = job.stages[0].config.samples_per_shard
+    fingerprint = input_fingerprint(job.input, sps)
+    if ds.exists(PLAN):
+        plan = ds.read_json(PLAN)
+        if plan.get("fingerprint") == fingerprint:
+            return plan["shards"], fingerprint
+        log.warning("input or its reading changed: discarding the dataset's derived files")
+        for d in DERIVED:
+            ds.remove(d)
+    n = rows = 0
+    for n, table in enumerate(plan_shards(job.input, sps), start=1):
+        ds.write_bytes(Dataset.input_rel(n - 1), _parquet(table))
+        rows += table.num_rows
+    ds.write_bytes(PLAN, json_bytes({"fingerprint": fingerprint, "shards": n, "rows": rows, "samples_per_shard": sps}))
+    return n, fingerprint
+
+
+def _parquet(table) -> bytes:
+    from pipeline.storage import table_bytes
+    return table_bytes(table)
+
+
+def build_steps(job: Job, ds: Dataset, fingerprint: str) -> list[StepSpec]:
+    steps: list[StepSpec] = []
+    prev_hash, previous = fingerprint, []
+    for entry in job.stages:
+        cls = get_stage_class(entry.name)
+        h = config_hash(prev_hash, entry.name, entry.config, cls)
+        ctx = StageContext(job_name=job.name, seed=job.seed, stage=entry.name, dataset=ds.url)
+        phases = {"source": ["source"], "map": ["map"], "global": ["partial", "apply"]}[cls.kind]
+        for phase in phases:
+            steps.append(StepSpec(ds, cls, entry.config, ctx, h, phase, list(previous)))
+        if cls.kind != "source":
+            previous.append(entry.name)
+        prev_hash = h
+    return steps
+
+
+def init_ray(address: str | None, cpus: int | None) -> bool:
+    """Start or join Ray. Returns True when this call started it (and so should shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(address="local", num_cpus=cpus or os.cpu_count(), **kwargs)
+    return True
+
+
+def _configure_ray_data() -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.verbose_stats_logs = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _remote_args(spec: StepSpec) -> dict:
+    r = spec.stage_cls(spec.config, spec.context).resources  # resources are config, no setup()
+    args = {"num_cpus": r.cpus}
+    if r.gpus:
+        args["num_gpus"] = r.gpus
+    if r.memory:
+        args["memory"] = r.memory
+    return args
+
+
+def _run_step(spec: StepSpec, batch):
+    runner = StepRunner(spec)
+    try:
+        return runner(batch)
+    finally:
+        runner.close()
+
+
+def _stream(steps: list[StepSpec], n_shards: int, cpus_total: float) -> None:
+    """One streaming run of consecutive map-like steps over all shards."""
+    import ray
+    import ray.data
+
+    if not steps or n_shards == 0:
+        return
+    data = ray.data.from_items([{"shard": i} for i in range(n_shards)], override_num_blocks=n_shards)
+    for spec in steps:
+        args = _remote_args(spec)
+        if spec.stage_cls.stateful:
+            size = spec.config.concurrency or max(1, int(cpus_total // max(args["num_cpus"], 0.5)) or 1)
+            data = data.map_batches(StepRunner, batch_size=1, batch_format="pyarrow",
+                                    fn_constructor_kwargs={"spec": spec},
+                                    compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size), **args)
+        else:
+            data = data.map_batches(_run_step, batch_size=1, batch_format="pyarrow", fn_kwargs={"spec": spec}, **args)
+    for _ in data.iter_batches(batch_size=None, batch_format="pyarrow"):
+        pass
+
+
+def _reduce(spec: StepSpec, n_shards: int) -> None:
+    """A global stage's reduce, in a Ray task with the stage's resources (never on the driver)."""
+    import ray
+
+    ds = spec.dataset
+    if ds.committed(f"{spec.name}.reduce", 0, spec.config_hash) is not None:
+        return
+
+    def reduce_task(spec: StepSpec, n: int) -> None:
+        import json
+        stage = spec.stage_cls(spec.config, spec.context)
+        partials = []
+        for shard in range(n):
+            partials.extend(json.loads(spec.dataset.read_bytes(f"stages/{spec.name}/partials/{shard:05d}.json")))
+        state = stage.reduce(partials)
+        spec.dataset.commit(f"{spec.name}.reduce", 0, spec.config_hash,
+                            {f"stages/{spec.name}/state.json": json_bytes({"state": state})}, {"partials": len(partials)})
+
+    ray.get(ray.remote(**_remote_args(spec))(reduce_task).remote(spec, n_shards))
+
+
+def _failure_message(ds: Dataset, err: BaseException) -> str:
+    texts = []
+    for name in ds.listdir("logs/failures"):
+        try:
+            texts.append(ds.read_bytes(f"logs/failures/{name}").decode("utf-8", "replace").splitlines()[0])
+        except OSError:
+            pass
+    return "\n".join(texts) or f"{type(err).__name__}: {err}"
+
+
+def run_job(job: Job, address: str | None = None, cpus: int | None = None, progress: bool = True) -> RunResult:
+    """Run (or resume) a job; returns when every (stage, shard) is committed."""
+    started = time.time()
+    ds = Dataset(job.output)
+    ds.clear_tmp()
+    ds.remove("logs/failures")
+    n_shards, fingerprint = plan_input(ds, job)
+    steps = build_steps(job, ds, fingerprint)
+    write_manifest(ds, job, steps, n_shards, status="running", seconds=0.0)
+
+    import ray
+
+    own = init_ray(address, cpus)
+    _configure_ray_data()
+    cpus_total = ray.cluster_resources().get("CPU", 1.0)
+    monitor = Progress(ds, steps, n_shards, enabled=progress, stream=sys.stderr)
+    monitor.start()
+    try:
+        segment: list[StepSpec] = []
+        for spec in steps:
+            segment.append(spec)
+            if spec.phase == "partial":
+                _stream(segment, n_shards, cpus_total)
+                _reduce(spec, n_shards)
+                segment = []
+        _stream(segment, n_shards, cpus_total)
+    except Exception as e:  # Ray wraps the step's exception; the step wrote what failed where
+        monitor.stop()
+        msg = _failure_message(ds, e)
+        write_manifest(ds, job, steps, n_shards, status="failed", seconds=time.time() - started, error=msg)
+        raise JobFailed(msg) from e
+    finally:
+        monitor.stop()
+        if own:
+            ray.shutdown()
+    ds.clear_tmp()
+    seconds = time.time() - started
+    counts = write_manifest(ds, job, steps, n_shards, status="done", seconds=seconds)
+    monitor.final(counts)
+    return RunResult(ds.url, n_shards, [s.step for s in steps], seconds, counts)
+
+
+__all__ = ["run_job", "JobFailed", "RunResult", "StepFailure", "__version__"]

@@ -1,0 +1,270 @@
+"""One unit of work: (stage, shard). Runs on a Ray worker; reads the shard's inputs, calls the
+stage, checks its output contract, and commits sidecar + ledger (+ tar for the source stage)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.ledger import ledger_table
+from pipeline.shards import read_tar, sample_json, write_tar
+from pipeline.stage import CONTROL_COLUMNS, DETAIL, DROP, IMAGE_COLUMN, NOTE, Stage, StageConfig, StageContext
+from pipeline.storage import Dataset, json_bytes, shard_name, table_bytes
+
+HASH_META = b"recap.config_hash"
+IMAGE_EXT_META = b"recap.image_ext"
+# Columns of the source stage that stay out of the per-sample json (bytes) or are its own keys.
+_NOT_IN_SAMPLE_JSON = {IMAGE_COLUMN}
+
+
+class ContractError(RuntimeError):
+    pass
+
+
+class StepFailure(RuntimeError):
+    """A stage raised on a shard. The message names both; the traceback is in logs/failures/."""
+
+
+def config_hash(prev: str, name: str, config: StageConfig, cls: type[Stage]) -> str:
+    """Chained: a changed stage changes its own hash and every later one, never an earlier one."""
+    exclude = {"resources", "batch_size", "concurrency"} | set(cls.hash_exclude)
+    payload = {"prev": prev, "stage": name, "version": cls.version,
+               "config": config.model_dump(mode="json", exclude=exclude)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass
+class StepSpec:
+    dataset: Dataset
+    stage_cls: type[Stage]
+    config: StageConfig
+    context: StageContext
+    config_hash: str
+    phase: str  # source | map | partial | apply
+    previous: list[str] = field(default_factory=list)  # sidecar stages before this one, in order
+
+    @property
+    def name(self) -> str:
+        return self.context.stage
+
+    @property
+    def step(self) -> str:
+        """Name of the commit folder: the stage, or ``stage.partial`` for a global stage's first pass."""
+        return f"{self.name}.partial" if self.phase == "partial" else self.name
+
+
+# -- inputs -----------------------------------------------------------------------------------------
+
+def _take_by_uid(base_uids: pa.Array, table: pa.Table) -> pa.Table:
+    idx = pc.index_in(base_uids, value_set=table.column("uid"))
+    if idx.null_count:
+        raise ContractError("a sidecar lacks uids that its successor kept: the dataset is inconsistent")
+    return table.take(idx)
+
+
+def load_input(ds: Dataset, shard: int, previous: list[str], reads: tuple[str, ...]) -> pa.Table:
+    """The samples still in the pipeline after ``previous``, with the columns ``reads`` names
+    (all columns when it is empty), in shard order."""
+    base = ds.read_table(Dataset.index_rel(shard))
+    base = base.filter(pc.equal(base.column("status"), "success"))
+    sidecars = [ds.read_table(Dataset.sidecar_rel(p, shard)) for p in previous]
+    if sidecars:
+        base = _take_by_uid(sidecars[-1].column("uid"), base)  # the last stage's kept set, in shard order
+    uids = base.column("uid")
+    for sc in sidecars:
+        taken = _take_by_uid(uids, sc)
+        for name in taken.column_names:
+            if name == "uid":
+                continue
+            col = taken.column(name)
+            if name in base.column_names:
+                base = base.set_column(base.column_names.index(name), name, col)
+            else:
+                base = base.append_column(name, col)
+    if reads:
+        wanted = [c for c in base.column_names if c == "uid" or c in reads]
+        missing = [c for c in reads if c not in base.column_names and c != IMAGE_COLUMN]
+        if missing:
+            raise ContractError(f"reads columns no earlier stage wrote: {missing}")
+        base = base.select(wanted)
+    if IMAGE_COLUMN in reads:
+        base = base.append_column(IMAGE_COLUMN, _images(ds, shard, base))
+    return base
+
+
+def _images(ds: Dataset, shard: int, table: pa.Table) -> pa.Array:
+    meta = ds.read_schema(Dataset.index_rel(shard)).metadata or {}
+    ext = meta.get(IMAGE_EXT_META, b"jpg").decode()
+    members = read_tar(ds.read_bytes(Dataset.tar_rel(shard)))
+    keys = table.column("key").to_pylist() if "key" in table.column_names else None
+    if keys is None:
+        index = ds.read_table(Dataset.index_rel(shard), columns=["uid", "key"])
+        keys = _take_by_uid(table.column("uid"), index).column("key").to_pylist()
+    return pa.array([members.get(k, {}).get(ext) for k in keys], pa.binary())
+
+
+# -- the stage call ---------------------------------------------------------------------------------
+
+def _batches(table: pa.Table, size: int):
+    for start in range(0, max(table.num_rows, 1), size):
+        yield table.slice(start, size)
+
+
+def _control(out: pa.Table, name: str) -> pa.Array:
+    if name not in out.column_names:
+        return pa.nulls(out.num_rows, pa.string())
+    return out.column(name).combine_chunks().cast(pa.string())
+
+
+def check_output(stage: Stage, inp: pa.Table, out: Any) -> pa.Table:
+    who = f"stage {stage.ctx.stage!r}"
+    if not isinstance(out, pa.Table):
+        raise ContractError(f"{who}: process() returned {type(out).__name__}, expected pyarrow.Table")
+    if "uid" not in out.column_names:
+        raise ContractError(f"{who}: output has no uid column")
+    if out.num_rows != inp.num_rows or not out.column("uid").equals(inp.column("uid")):
+        raise ContractError(f"{who}: output must have one row per input row, same uids in the same order "
+                            f"(got {out.num_rows} rows for {inp.num_rows})")
+    missing = [c for c in stage.writes if c not in out.column_names]
+    if missing:
+        raise ContractError(f"{who}: output lacks declared columns {missing}")
+    return out
+
+
+def run_stage(stage: Stage, table: pa.Table, phase: str, state: Any = None) -> tuple[pa.Table | None, list]:
+    """Run process/partial/apply over the shard in batches of the stage's batch size."""
+    if phase == "partial":
+        return None, [stage.partial(b) for b in _batches(table, stage.batch_size) if b.num_rows or table.num_rows == 0]
+    outs = []
+    for b in _batches(table, stage.batch_size):
+        out = stage.apply(b, state) if phase == "apply" else stage.process(b)
+        outs.append(check_output(stage, b, out))
+    out = pa.concat_tables(outs, promote_options="permissive") if len(outs) > 1 else outs[0]
+    return out, []
+
+
+def _split(out: pa.Table, stage_name: str) -> tuple[pa.Array, pa.Table, dict]:
+    """(kept mask, ledger rows, counts) from the control columns."""
+    drop, detail, note = (_control(out, c) for c in (DROP, DETAIL, NOTE))
+    kept = pc.is_null(drop)
+    ledger = ledger_table(out.column("uid"), stage_name, drop, detail, note)
+    dropped = Counter(r for r in drop.to_pylist() if r is not None)
+    notes = Counter(n for v in note.to_pylist() if v for n in v.split(","))
+    counts = {"in": out.num_rows, "kept": out.num_rows - sum(dropped.values()),
+              "dropped": dict(sorted(dropped.items())), "notes": dict(sorted(notes.items()))}
+    return kept, ledger, counts
+
+
+def _with_hash(table: pa.Table, h: str, extra: dict[bytes, bytes] | None = None) -> pa.Table:
+    return table.replace_schema_metadata({HASH_META: h.encode(), **(extra or {})})
+
+
+# -- the step ---------------------------------------------------------------------------------------
+
+class StepRunner:
+    """Runs one step over shards. Used as a Ray Data callable class (kept alive for stateful
+    stages, so setup() runs once per worker) or called once per task."""
+
+    def __init__(self, spec: StepSpec):
+        self.spec = spec
+        self.stage: Stage | None = None
+        self.state: Any = None
+
+    def _ensure_stage(self) -> Stage:
+        if self.stage is None:
+            self.stage = self.spec.stage_cls(self.spec.config, self.spec.context)
+            self.stage.setup()
+            if self.spec.phase == "apply":
+                self.state = self.spec.dataset.read_json(f"stages/{self.spec.name}/state.json")["state"]
+        return self.stage
+
+    def close(self) -> None:
+        if self.stage is not None:
+            self.stage.teardown()
+            self.stage = None
+
+    def __del__(self):  # Ray Data has no teardown hook for callable classes
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        for shard in batch.column("shard").to_pylist():
+            self.run_shard(int(shard))
+        return batch
+
+    def run_shard(self, shard: int) -> dict:
+        spec, ds = self.spec, self.spec.dataset
+        marker = ds.committed(spec.step, shard, spec.config_hash)
+        if marker is not None:
+            return marker["counts"]
+        started = time.time()
+        try:
+            counts = self._run(shard)
+        except Exception as e:
+            tb = traceback.format_exc()
+            msg = f"stage {spec.name!r} failed on shard {shard_name(shard)}: {type(e).__name__}: {e}"
+            try:
+                ds.write_bytes(f"logs/failures/{spec.step}-{shard_name(shard)}.txt", (msg + "\n\n" + tb).encode())
+            except Exception:
+                pass
+            raise StepFailure(msg) from e
+        ds.write_json(f"logs/timings/{spec.step}/{shard_name(shard)}.json",
+                      {"seconds": round(time.time() - started, 3), "in": counts.get("in", 0)})
+        return counts
+
+    def _run(self, shard: int) -> dict:
+        spec, ds = self.spec, self.spec.dataset
+        stage = self._ensure_stage()
+        if spec.phase == "source":
+            return self._run_source(stage, shard)
+        table = load_input(ds, shard, spec.previous, stage.reads)
+        if spec.phase == "partial":
+            _, partials = run_stage(stage, table, "partial")
+            files = {f"stages/{spec.name}/partials/{shard_name(shard)}.json": json_bytes(partials)}
+            return ds.commit(spec.step, shard, spec.config_hash, files, {"in": table.num_rows})["counts"]
+        out, _ = run_stage(stage, table, spec.phase, self.state)
+        kept, ledger, counts = _split(out, spec.name)
+        side = out.filter(kept).select(["uid"] + list(stage.writes))
+        files = {
+            Dataset.ledger_rel(spec.name, shard): table_bytes(ledger),
+            Dataset.sidecar_rel(spec.name, shard): table_bytes(_with_hash(side, spec.config_hash)),
+        }
+        return ds.commit(spec.step, shard, spec.config_hash, files, counts)["counts"]
+
+    def _run_source(self, stage: Stage, shard: int) -> dict:
+        spec, ds = self.spec, self.spec.dataset
+        table = ds.read_table(Dataset.input_rel(shard))
+        started = time.time()
+        out, _ = run_stage(stage, table, "map")
+        duration = time.time() - started
+        kept, ledger, counts = _split(out, spec.name)
+        status_ok = pc.equal(out.column("status"), "success") if "status" in out.column_names else None
+        if status_ok is None or not pc.all(pc.equal(status_ok, kept)).as_py():
+            raise ContractError(f"stage {spec.name!r}: `status` must be 'success' exactly for the kept rows")
+        image_ext = getattr(stage, "image_ext", "jpg")
+        meta_cols = [c for c in out.column_names if c not in CONTROL_COLUMNS and c not in _NOT_IN_SAMPLE_JSON]
+        ok = out.filter(kept)
+        rows = ok.select(meta_cols).to_pylist()
+        images = ok.column(IMAGE_COLUMN).to_pylist()
+        tar = write_tar(
+            (r["key"], {image_ext: img, "txt": (r.get("caption") or "").encode("utf-8"), "json": sample_json(r)})
+            for r, img in zip(rows, images)
+        )
+        index = _with_hash(out.select(meta_cols), spec.config_hash, {IMAGE_EXT_META: image_ext.encode()})
+        stats = {"shard": shard_name(shard), **stage.shard_stats(out, duration)}
+        ds.write_json(Dataset.stats_rel(shard), stats)  # not part of the commit: timings vary run to run
+        files = {
+            Dataset.tar_rel(shard): tar,
+            Dataset.ledger_rel(spec.name, shard): table_bytes(ledger),
+            Dataset.index_rel(shard): table_bytes(index),
+        }
+        return ds.commit(spec.step, shard, spec.config_hash, files, counts)["counts"]

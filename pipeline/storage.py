@@ -1,0 +1,177 @@
+"""Dataset directory I/O on any fsspec filesystem, with completion markers.
+
+Local files are written to a temporary name and renamed into place. Object stores have no atomic
+rename, so completeness is never inferred from a file existing: a (stage, shard) is done only when
+its commit marker, written last, exists and lists the files it made with their sizes and digests.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import uuid
+from dataclasses import dataclass
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+TMP_DIR = ".tmp"
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:05d}"
+
+
+@dataclass
+class Dataset:
+    """A dataset directory: ``shards/``, ``stages/``, ``ledger/``, ``commits/``, ``manifest.json``."""
+
+    url: str
+
+    def __post_init__(self) -> None:
+        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.root = self.root.rstrip("/")
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+
+    def __getstate__(self) -> dict:
+        return {"url": self.url}
+
+    def __setstate__(self, state: dict) -> None:
+        self.url = state["url"]
+        self.__post_init__()
+
+    # -- paths ----------------------------------------------------------------------------------
+    def path(self, rel: str) -> str:
+        return f"{self.root}/{rel}"
+
+    @staticmethod
+    def input_rel(shard: int) -> str:
+        return f"input/{shard_name(shard)}.parquet"
+
+    @staticmethod
+    def tar_rel(shard: int) -> str:
+        return f"shards/{shard_name(shard)}.tar"
+
+    @staticmethod
+    def index_rel(shard: int) -> str:
+        return f"shards/{shard_name(shard)}.parquet"
+
+    @staticmethod
+    def stats_rel(shard: int) -> str:
+        return f"shards/{shard_name(shard)}_stats.json"
+
+    @staticmethod
+    def sidecar_rel(stage: str, shard: int) -> str:
+        return f"stages/{stage}/{shard_name(shard)}.parquet"
+
+    @staticmethod
+    def ledger_rel(stage: str, shard: int) -> str:
+        return f"ledger/{stage}/{shard_name(shard)}.parquet"
+
+    @staticmethod
+    def commit_rel(step: str, shard: int) -> str:
+        return f"commits/{step}/{shard_name(shard)}.json"
+
+    # -- reading --------------------------------------------------------------------------------
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        with self.fs.open(self.path(rel), "rb") as f:
+            return f.read()
+
+    def read_json(self, rel: str):
+        return json.loads(self.read_bytes(rel))
+
+    def read_table(self, rel: str, columns: list[str] | None = None) -> pa.Table:
+        with self.fs.open(self.path(rel), "rb") as f:
+            return pq.read_table(f, columns=columns)
+
+    def read_schema(self, rel: str) -> pa.Schema:
+        with self.fs.open(self.path(rel), "rb") as f:
+            return pq.read_schema(f)
+
+    def listdir(self, rel: str) -> list[str]:
+        try:
+            return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path(rel), detail=False))
+        except FileNotFoundError:
+            return []
+
+    # -- writing --------------------------------------------------------------------------------
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        target = self.path(rel)
+        if not self.local:
+            self.fs.pipe_file(target, data)
+            return
+        tmp = self.path(f"{TMP_DIR}/{uuid.uuid4().hex}")
+        os.makedirs(os.path.dirname(tmp), exist_ok=True)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+
+    def write_json(self, rel: str, obj) -> None:
+        self.write_bytes(rel, json_bytes(obj))
+
+    def write_table(self, rel: str, table: pa.Table) -> None:
+        self.write_bytes(rel, table_bytes(table))
+
+    def remove(self, rel: str) -> None:
+        try:
+            self.fs.rm(self.path(rel), recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def clear_tmp(self) -> None:
+        """Remove what an interrupted run left half-written (it never counts as output)."""
+        if self.local:
+            self.remove(TMP_DIR)
+
+    # -- commit markers -------------------------------------------------------------------------
+    def commit(self, step: str, shard: int, config_hash: str, files: dict[str, bytes], counts: dict) -> dict:
+        """Write ``files`` then the marker that declares them complete. Returns the marker."""
+        for rel, data in files.items():
+            self.write_bytes(rel, data)
+        marker = {
+            "step": step,
+            "shard": shard,
+            "config_hash": config_hash,
+            "files": {rel: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for rel, data in sorted(files.items())},
+            "counts": counts,
+        }
+        self.write_json(self.commit_rel(step, shard), marker)
+        return marker
+
+    def committed(self, step: str, shard: int, config_hash: str, verify: bool = True) -> dict | None:
+        """The marker if (step, shard) is complete with this config hash and its files are intact."""
+        rel = self.commit_rel(step, shard)
+        try:
+            marker = self.read_json(rel)
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if marker.get("config_hash") != config_hash:
+            return None
+        for frel, meta in marker.get("files", {}).items():
+            try:
+                if self.fs.size(self.path(frel)) != meta["size"]:
+                    return None
+                if verify and hashlib.sha256(self.read_bytes(frel)).hexdigest() != meta["sha256"]:
+                    return None
+            except (FileNotFoundError, OSError):
+                return None
+        return marker
+
+
+def json_bytes(obj) -> bytes:
+    return (json.dumps(obj, indent=1, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    """Parquet bytes that depend only on the table (no creation timestamps, fixed writer)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd", write_statistics=True, store_schema=True)
+    return buf.getvalue()
