@@ -116,7 +116,7 @@ def _remote_args(spec: StepSpec) -> dict:
     return args
 
 
-def _run_step(spec: StepSpec, batch):
+def _run_step(batch, spec: StepSpec):
     runner = StepRunner(spec)
     try:
         return runner(batch)

@@ -96,7 +96,7 @@ class Stage:
 
     # global stages: per-shard partials -> reduce -> per-shard apply
     def partial(self, batch: pa.Table) -> Any:
-        """A JSON-serialisable summary of one batch of one shard."""
+        """A JSON-serialisable summary of one whole shard (called once per shard)."""
         raise NotImplementedError
 
     def reduce(self, partials: list[Any]) -> Any:

@@ -140,8 +140,8 @@ def check_output(stage: Stage, inp: pa.Table, out: Any) -> pa.Table:
 
 def run_stage(stage: Stage, table: pa.Table, phase: str, state: Any = None) -> tuple[pa.Table | None, list]:
     """Run process/partial/apply over the shard in batches of the stage's batch size."""
-    if phase == "partial":
-        return None, [stage.partial(b) for b in _batches(table, stage.batch_size) if b.num_rows or table.num_rows == 0]
+    if phase == "partial":  # one partial per shard: the reduce never sees batch boundaries
+        return None, [stage.partial(table)]
     outs = []
     for b in _batches(table, stage.batch_size):
         out = stage.apply(b, state) if phase == "apply" else stage.process(b)
