@@ -94,6 +94,8 @@ class Dataset:
             return pq.read_schema(f)
 
     def listdir(self, rel: str) -> list[str]:
+        if not self.local:
+            self.fs.invalidate_cache()  # s3fs caches listings; other workers write meanwhile
         try:
             return sorted(p.rsplit("/", 1)[-1] for p in self.fs.ls(self.path(rel), detail=False))
         except FileNotFoundError:
@@ -149,6 +151,8 @@ class Dataset:
     def committed(self, step: str, shard: int, config_hash: str, verify: bool = True) -> dict | None:
         """The marker if (step, shard) is complete with this config hash and its files are intact."""
         rel = self.commit_rel(step, shard)
+        if not self.local:
+            self.fs.invalidate_cache()
         try:
             marker = self.read_json(rel)
         except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
