@@ -134,8 +134,11 @@ def _stream(steps: list[StepSpec], n_shards: int, cpus_total: float) -> None:
     data = ray.data.from_items([{"shard": i} for i in range(n_shards)], override_num_blocks=n_shards)
     for spec in steps:
         args = _remote_args(spec)
-        if spec.stage_cls.stateful:
-            size = spec.config.concurrency or max(1, int(cpus_total // max(args["num_cpus"], 0.5)) or 1)
+        if spec.stage_cls.runs_as_actor():
+            # Actors hold their CPUs for the whole run: if every step's pool asked for a full
+            # share, a small cluster (--cpus 1) would deadlock with later steps waiting forever.
+            args["num_cpus"] = min(args["num_cpus"], cpus_total / len(steps))
+            size = spec.config.concurrency or max(1, int(cpus_total // max(args["num_cpus"], 0.5)))
             data = data.map_batches(StepRunner, batch_size=1, batch_format="pyarrow",
                                     fn_constructor_kwargs={"spec": spec},
                                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size), **args)

@@ -64,8 +64,9 @@ class Stage:
     writes: ClassVar[tuple[str, ...]] = ()
     default_batch_size: ClassVar[int] = 1024
     default_resources: ClassVar[Resources] = Resources()
-    # True when setup() loads something worth keeping across shards (a model): runs as an actor pool.
-    stateful: ClassVar[bool] = False
+    # Run as an actor pool that keeps setup()'s work (a model) across shards? None = yes iff the
+    # stage overrides setup(); cheap setups (a parser, an HTTP session) may set False to run as tasks.
+    stateful: ClassVar[bool | None] = None
     # Bump when the stage's output changes for the same config, so resumed datasets redo it.
     version: ClassVar[str] = "1"
     # Config fields that change how fast, never what (threads, pool sizes): not part of the hash.
@@ -79,6 +80,10 @@ class Stage:
     @property
     def resources(self) -> Resources:
         return self.config.resources or self.default_resources
+
+    @classmethod
+    def runs_as_actor(cls) -> bool:
+        return cls.stateful if cls.stateful is not None else cls.setup is not Stage.setup
 
     @property
     def batch_size(self) -> int:
