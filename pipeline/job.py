@@ -169,10 +169,10 @@ def build_job(data: Any, source: str = "<job>") -> Job:
             cls = get_stage_class(name)
         except UnknownStage:
             raise JobError(f"{source}: {path}: unknown stage {name!r} (available: {', '.join(available_stages())})") from None
-        if name in seen:
-            raise JobError(f"{source}: {path}: stage {name!r} appears twice")
         if (cls.kind == "source") != (path == SOURCE_STAGE):
             raise JobError(f"{source}: {path}: stage {name!r} of kind {cls.kind!r} cannot run here")
+        if name in seen:
+            raise JobError(f"{source}: {path}: stage {name!r} appears twice")
         seen.add(name)
         try:
             entries.append(StageEntry(name=name, config=cls.Config.model_validate(cfg)))
