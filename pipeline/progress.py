@@ -18,7 +18,7 @@ class Progress:
         self.tty = hasattr(stream, "isatty") and stream.isatty()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._last: list[str] = []
+        self._last: list[tuple[int, str]] = []
         self._t0 = time.time()
         self._base: dict[str, int] = {}
 
@@ -39,7 +39,8 @@ class Progress:
     def _counts(self, spec) -> dict:
         return merge_counts([m for m in step_markers(self.ds, spec.step) if m.get("config_hash") == spec.config_hash])
 
-    def lines(self) -> list[str]:
+    def lines(self) -> list[tuple[int, str]]:
+        """(shards done, line) per stage."""
         out = []
         elapsed = max(time.time() - self._t0, 1e-6)
         width = max(len(s.name) for s in self.steps) if self.steps else 8
@@ -47,8 +48,8 @@ class Progress:
             c = self._counts(spec)
             rate = (c["in"] - self._base.get(spec.step, 0)) / elapsed
             kept = 100.0 * c["kept"] / c["in"] if c["in"] else 0.0
-            out.append(f"{spec.name:<{width}}  shards {c['shards']:>5}/{self.n:<5}  {c['in']:>8} samples  "
-                       f"{rate:8.1f}/s  kept {kept:5.1f}%")
+            out.append((c["shards"], f"{spec.name:<{width}}  shards {c['shards']:>5}/{self.n:<5}  {c['in']:>8} samples  "
+                                     f"{rate:8.1f}/s  kept {kept:5.1f}%"))
         return out
 
     def _render(self, final: bool = False) -> None:
@@ -56,18 +57,16 @@ class Progress:
             lines = self.lines()
         except Exception:
             return
-        if lines == self._last and not final:
-            return
-        if self.tty and self._last:
-            self.stream.write(f"\x1b[{len(self._last)}F")
-        if self.tty or lines != self._last:
-            self.stream.write("".join(f"{ln}\x1b[K\n" if self.tty else f"{ln}\n" for ln in lines))
-            self.stream.flush()
+        if self.tty:  # redraw the block in place
+            if self._last:
+                self.stream.write(f"\x1b[{len(self._last)}F")
+            self.stream.write("".join(f"{ln}\x1b[K\n" for _, ln in lines))
+        else:  # a log: a stage's line only when it finished more shards
+            done = [n for n, _ in self._last] if self._last else [-1] * len(lines)
+            self.stream.write("".join(f"{ln}\n" for (n, ln), before in zip(lines, done) if n != before))
+        self.stream.flush()
         self._last = lines
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             self._render()
-
-    def final(self, counts: dict) -> None:
-        pass

@@ -217,7 +217,6 @@ def run_job(job: Job, address: str | None = None, cpus: int | None = None, progr
     ds.clear_tmp()
     seconds = time.time() - started
     counts = write_manifest(ds, job, steps, n_shards, status="done", seconds=seconds)
-    monitor.final(counts)
     return RunResult(ds.url, n_shards, [s.step for s in steps], seconds, counts)
 
 
