@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI on import
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from pipeline import __version__
 from pipeline.inputs import input_fingerprint, plan_shards
 from pipeline.job import Job
 from pipeline.manifest import write_manifest
@@ -55,15 +54,10 @@ def plan_input(ds: Dataset, job: Job) -> tuple[int, str]:
             ds.remove(d)
     n = rows = 0
     for n, table in enumerate(plan_shards(job.input, sps), start=1):
-        ds.write_bytes(Dataset.input_rel(n - 1), _parquet(table))
+        ds.write_table(Dataset.input_rel(n - 1), table)
         rows += table.num_rows
     ds.write_bytes(PLAN, json_bytes({"fingerprint": fingerprint, "shards": n, "rows": rows, "samples_per_shard": sps}))
     return n, fingerprint
-
-
-def _parquet(table) -> bytes:
-    from pipeline.storage import table_bytes
-    return table_bytes(table)
 
 
 def build_steps(job: Job, ds: Dataset, fingerprint: str) -> list[StepSpec]:
@@ -220,4 +214,4 @@ def run_job(job: Job, address: str | None = None, cpus: int | None = None, progr
     return RunResult(ds.url, n_shards, [s.step for s in steps], seconds, counts)
 
 
-__all__ = ["run_job", "JobFailed", "RunResult", "StepFailure", "__version__"]
+__all__ = ["run_job", "JobFailed", "RunResult", "StepFailure"]

@@ -185,3 +185,23 @@ def test_object_store_dataset_matches_local(tmp_path, ray_local, fake_stages, s3
     fs.rm("recap-test/ds/stages/coin/00003.parquet")
     run_job(_job(tmp_path, "s3://recap-test/ds", STAGES), progress=False)
     assert hashlib.sha256(fs.cat("recap-test/ds/stages/coin/00003.parquet")).hexdigest() == local["stages/coin/00003.parquet"]
+
+
+def test_empty_input_is_a_valid_empty_dataset(tmp_path, ray_local, fake_stages):
+    path = tmp_path / "empty.csv"
+    path.write_text("url,caption\n")
+    job = build_job({"name": "t", "input": {"path": str(path)}, "output": str(tmp_path / "ds"),
+                     "download": {"samples_per_shard": 4}, "stages": ["upper"]}, "t.yaml")
+    assert run_job(job, progress=False).n_shards == 0
+    rep = inspect_dataset(str(tmp_path / "ds"))
+    assert rep["invariant_ok"] and rep["stages"]["download"] == {"in": 0, "kept": 0, "dropped": {}, "notes": {}}
+
+
+def test_changed_input_discards_derived_files(tmp_path, ray_local, fake_stages):
+    out = tmp_path / "ds"
+    run_job(_job(tmp_path, out, [{"upper": {}}]), progress=False)
+    assert (out / "shards/00005.tar").exists()
+    job = _job(tmp_path, out, [{"upper": {}}], samples_per_shard=100)  # a different cut of the same input
+    run_job(job, progress=False)
+    assert not (out / "shards/00005.tar").exists() and (out / "shards/00000.tar").exists()
+    assert inspect_dataset(str(out))["invariant_ok"]
