@@ -97,3 +97,35 @@ def test_kill_9_then_resume_and_cpus_1_vs_2_are_byte_identical(world, tmp_path):
     assert digest(tmp_path / "C") == da
     for d in "ABC":
         assert inspect_dataset(str(tmp_path / d))["invariant_ok"]
+
+
+def test_csv_input_with_bad_captions_downloads_everything_else(world, tmp_path, ray_local):
+    """Non-UTF-8, 1 MB and empty captions and repeated URLs, from a CSV: the samples still download,
+    the repairs are ledger notes, repeats are accounted for, the tar carries the repaired caption."""
+    world_dir, port, _ = world
+    truth = pq.read_table(world_dir / "truth.parquet").to_pylist()
+    good = [t for t in truth if t["fault"] == "none" and t["dup_kind"] == "none"][:8]
+    lines = [b"url,caption,license"]
+    lines.append(good[0]["url"].encode() + b",caf\xe9 cr\xe8me latin-1,cc")
+    lines.append(good[1]["url"].encode() + b"," + b"big " * 262_144 + b",cc")  # 1 MiB
+    lines.append(good[2]["url"].encode() + b",,cc")
+    lines.append(good[3]["url"].encode() + b",a photo,cc")
+    lines.append(good[3]["url"].encode() + b",a photo,cc")  # exact repeat
+    lines.append(good[3]["url"].encode() + b",another caption,cc")  # same URL, other caption
+    path = tmp_path / "urls.csv"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    job = load_job(ROOT / "jobs/demo.yaml", [f"input.path={path}", f"download.allow_hosts=[127.0.0.1:{port}]",
+                                             "stages=[]", "input.max_caption_chars=1000"], output=str(tmp_path / "ds"))
+    run_job(job, progress=False)
+    rep = inspect_dataset(str(tmp_path / "ds"))
+    assert rep["invariant_ok"]
+    dl = rep["stages"]["download"]
+    assert dl == {"in": 6, "kept": 5, "dropped": {"duplicate_input": 1},
+                  "notes": {"caption_not_utf8": 1, "caption_truncated": 1}}
+    import tarfile
+    with tarfile.open(tmp_path / "ds/shards/00000.tar") as t:
+        txt = {m.name: t.extractfile(m).read().decode() for m in t.getmembers() if m.name.endswith(".txt")}
+        meta = {m.name: json.loads(t.extractfile(m).read()) for m in t.getmembers() if m.name.endswith(".json")}
+    caps = sorted(txt.values(), key=len)
+    assert caps[0] == "" and "caf\ufffd cr\ufffdme latin-1" in caps and len(caps[-1]) == 1000
+    assert all(m["license"] == "cc" and m["status"] == "success" for m in meta.values())
