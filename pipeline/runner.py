@@ -153,10 +153,12 @@ def _reduce(spec: StepSpec, n_shards: int) -> None:
     def reduce_task(spec: StepSpec, n: int) -> None:
         import json
         stage = spec.stage_cls(spec.config, spec.context)
+        stage.setup()
         partials = []
         for shard in range(n):
             partials.extend(json.loads(spec.dataset.read_bytes(f"stages/{spec.name}/partials/{shard:05d}.json")))
         state = stage.reduce(partials)
+        stage.teardown()
         spec.dataset.commit(f"{spec.name}.reduce", 0, spec.config_hash,
                             {f"stages/{spec.name}/state.json": json_bytes({"state": state})}, {"partials": len(partials)})
 

@@ -105,12 +105,18 @@ class Stage:
         raise NotImplementedError
 
     def reduce(self, partials: list[Any]) -> Any:
-        """Combine all partials (in shard order) into a JSON-serialisable state."""
+        """Combine all partials (in shard order) into a JSON-serialisable state. Runs in a Ray task
+        with the stage's resources, after setup()."""
         raise NotImplementedError
 
     def apply(self, batch: pa.Table, state: Any) -> pa.Table:
         """Like process, with the reduced state."""
         raise NotImplementedError
+
+    @classmethod
+    def summarize(cls, dataset: Any, n_shards: int) -> dict | None:
+        """Extra lines for `recap inspect` (e.g. balancing's head/tail effect); None for none."""
+        return None
 
     # source stages write shards; they may add img2dataset-style per-shard stats
     def shard_stats(self, out: pa.Table, duration: float) -> dict:
