@@ -2,6 +2,7 @@
 reason, and the invariant *inputs = kept + dropped* checked sample by sample at every stage."""
 from __future__ import annotations
 
+import json
 from collections import Counter
 
 import pyarrow.compute as pc
@@ -70,9 +71,41 @@ def inspect_dataset(url: str, samples: int = 0) -> dict:
         "invariant_ok": not problems,
         "problems": problems,
     }
+    summaries = _stage_summaries(ds, order, n_shards)
+    if summaries:
+        out["summaries"] = summaries
     if samples:
         out["examples"] = examples
     return out
+
+
+def _stage_summaries(ds: Dataset, order: list[str], n_shards: int) -> dict:
+    """Each stage's own view of its effect (Stage.summarize), for stages installed here."""
+    from pipeline.stage import UnknownStage, get_stage_class
+
+    out = {}
+    for name in order:
+        try:
+            summary = get_stage_class(name).summarize(ds, n_shards)
+        except (UnknownStage, FileNotFoundError, KeyError, ValueError) as e:
+            summary = {"error": f"{type(e).__name__}: {e}"}
+        if summary:
+            out[name] = summary
+    return out
+
+
+def _format_summary(name: str, summary: dict) -> list[str]:
+    if "before" in summary and "after" in summary:  # an entry-distribution summary (balance)
+        b, a = summary["before"], summary["after"]
+        lines = [f"  {name}: entry counts before -> after (t = {summary['t']:g})"]
+        for key in ("matches", "entries_matched", "max_count", "head_share", "tail_share", "flatness"):
+            lines.append(f"      {key:<16} {b[key]!s:>10} -> {a[key]!s:<10}")
+        buckets = sorted(set(b["count_histogram"]) | set(a["count_histogram"]), key=lambda k: int(k.split("-")[0].rstrip("+")))
+        lines.append("      entries by count: " + "  ".join(
+            f"{k}: {b['count_histogram'].get(k, 0)}->{a['count_histogram'].get(k, 0)}" for k in buckets))
+        lines.append("      top entries: " + ", ".join(f"{e['entry']!r} {e['before']}->{e['after']}" for e in summary["top_entries"]))
+        return lines
+    return [f"  {name}: " + json.dumps(summary, sort_keys=True)[:400]]
 
 
 def format_report(rep: dict) -> str:
@@ -86,6 +119,8 @@ def format_report(rep: dict) -> str:
                 lines.append(f"          {ex['uid']}  {(ex['detail'] or '')[:90]}")
         for reason, n in s["notes"].items():
             lines.append(f"      ~ {reason:<24} {n:>7}  (note: kept)")
+    for name, summary in rep.get("summaries", {}).items():
+        lines.extend(_format_summary(name, summary))
     if rep["invariant_ok"]:
         lines.append("invariant ok: inputs = kept + dropped at every stage")
     else:

@@ -63,10 +63,11 @@ def plan_input(ds: Dataset, job: Job) -> tuple[int, str]:
 def build_steps(job: Job, ds: Dataset, fingerprint: str) -> list[StepSpec]:
     steps: list[StepSpec] = []
     prev_hash, previous = fingerprint, []
+    n_inputs = int(ds.read_json(PLAN).get("rows", 0)) if ds.exists(PLAN) else 0
     for entry in job.stages:
         cls = get_stage_class(entry.name)
         h = config_hash(prev_hash, entry.name, entry.config, cls)
-        ctx = StageContext(job_name=job.name, seed=job.seed, stage=entry.name, dataset=ds.url)
+        ctx = StageContext(job_name=job.name, seed=job.seed, stage=entry.name, dataset=ds.url, n_inputs=n_inputs)
         phases = {"source": ["source"], "map": ["map"], "global": ["partial", "apply"]}[cls.kind]
         for phase in phases:
             steps.append(StepSpec(ds, cls, entry.config, ctx, h, phase, list(previous)))
@@ -158,9 +159,10 @@ def _reduce(spec: StepSpec, n_shards: int) -> None:
         for shard in range(n):
             partials.extend(json.loads(spec.dataset.read_bytes(f"stages/{spec.name}/partials/{shard:05d}.json")))
         state = stage.reduce(partials)
+        files = {f"stages/{spec.name}/{name}": data for name, data in sorted(stage.reduce_outputs(state).items())}
         stage.teardown()
-        spec.dataset.commit(f"{spec.name}.reduce", 0, spec.config_hash,
-                            {f"stages/{spec.name}/state.json": json_bytes({"state": state})}, {"partials": len(partials)})
+        files[f"stages/{spec.name}/state.json"] = json_bytes({"state": state})
+        spec.dataset.commit(f"{spec.name}.reduce", 0, spec.config_hash, files, {"partials": len(partials)})
 
     ray.get(ray.remote(**_remote_args(spec))(reduce_task).remote(spec, n_shards))
 

@@ -54,6 +54,7 @@ class StageContext:
     seed: int
     stage: str
     dataset: str
+    n_inputs: int = 0  # rows in the planned input: lets a global stage size a uniform sample
 
 
 class Stage:
@@ -112,6 +113,11 @@ class Stage:
     def apply(self, batch: pa.Table, state: Any) -> pa.Table:
         """Like process, with the reduced state."""
         raise NotImplementedError
+
+    def reduce_outputs(self, state: Any) -> dict[str, bytes]:
+        """Extra files (name -> bytes) committed beside ``stages/<stage>/state.json`` with the
+        reduced state, for users and tools (balancing's ``entry_counts.json``)."""
+        return {}
 
     @classmethod
     def summarize(cls, dataset: Any, n_shards: int) -> dict | None:

@@ -43,3 +43,20 @@ def ray_local(s3_endpoint):
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture
+def fake_stages():
+    """The network-free stages of tests/engine_stages.py, registered for one test."""
+    from ray import cloudpickle
+
+    from pipeline import stage as stage_mod
+    from tests import engine_stages
+
+    cloudpickle.register_pickle_by_value(engine_stages)  # Ray workers cannot import tests/
+    saved = dict(stage_mod._registered)
+    for cls in engine_stages.ALL:
+        stage_mod.register(cls)
+    yield
+    stage_mod._registered.clear()
+    stage_mod._registered.update(saved)

@@ -3,28 +3,13 @@ import hashlib
 import json
 import os
 
-from ray import cloudpickle
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import stage as stage_mod
 from pipeline.inspect import inspect_dataset
 from pipeline.job import build_job
 from pipeline.runner import JobFailed, run_job
-from tests import engine_stages
-
-cloudpickle.register_pickle_by_value(engine_stages)  # Ray workers cannot import tests/
-
-
-@pytest.fixture
-def fake_stages():
-    saved = dict(stage_mod._registered)
-    for cls in engine_stages.ALL:
-        stage_mod.register(cls)
-    yield
-    stage_mod._registered.clear()
-    stage_mod._registered.update(saved)
 
 
 def _input(tmp_path, n=22):
