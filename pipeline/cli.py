@@ -120,6 +120,18 @@ def cmd_metadata(args) -> int:
     return metadata_cli(args.rest)
 
 
+def cmd_train(args) -> int:
+    from trainer.launch import train_cli
+
+    return train_cli(args.rest)
+
+
+def cmd_eval(args) -> int:
+    from trainer.eval import eval_cli
+
+    return eval_cli(args.rest)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recap", description="curate, recaption and reinforce image-text data on Ray")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -167,10 +179,26 @@ def parser() -> argparse.ArgumentParser:
     m = sub.add_parser("metadata", help="MetaCLIP metadata tools (`recap metadata build --out metadata.json`)")
     m.add_argument("rest", nargs=argparse.REMAINDER)
     m.set_defaults(fn=cmd_metadata)
+
+    t = sub.add_parser("train", help="train a CLIP-style model on reinforced shards (`recap train TRAIN.yaml`)",
+                       add_help=False)
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="zero-shot, retrieval and compositional evaluation of a checkpoint", add_help=False)
+    e.add_argument("rest", nargs=argparse.REMAINDER)
+    e.set_defaults(fn=cmd_eval)
     return p
 
 
+# subcommands with parsers of their own: everything after the name is theirs (--help included)
+_PASSTHROUGH = {"metadata": cmd_metadata, "train": cmd_train, "eval": cmd_eval}
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in _PASSTHROUGH:
+        return _PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:]))
     args = parser().parse_args(argv)
     if args.cmd == "world" and args.port is None:
         from world.generate import DEFAULT_PORT

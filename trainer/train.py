@@ -1,0 +1,290 @@
+"""The training loop: one process per rank (torchrun, Ray Train, or alone), reading reinforced shards.
+
+Exact resume: the data order is a pure function of (seed, epoch), so a checkpoint records the
+epoch and the number of micro-batches consumed in it; resuming rebuilds that epoch's stream and
+skips them, with model, optimizer, scaler and RNG states restored.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import fsspec
+import torch
+import torch.distributed as dist
+
+from trainer.config import TrainConfig
+
+log = logging.getLogger("recap.train")
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# -- distributed ---------------------------------------------------------------------------------
+def dist_setup() -> tuple[int, int, torch.device]:
+    """Join the process group torchrun or Ray Train prepared (or none): (rank, world, device)."""
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+def _all_true(flag: bool, device: torch.device) -> bool:
+    """True iff the flag holds on every rank (ranks must agree before a collective op)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([0 if flag else 1], device=device)
+    dist.all_reduce(t)
+    return int(t.item()) == 0
+
+
+# -- optimisation ----------------------------------------------------------------------------------
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    o = cfg.optim
+    if step < o.warmup:
+        return o.lr * (step + 1) / o.warmup
+    if o.schedule == "constant":
+        return o.lr
+    span = max(1, cfg.steps - o.warmup)
+    return 0.5 * o.lr * (1 + math.cos(math.pi * min(1.0, (step - o.warmup) / span)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # open_clip's split: no weight decay on gains, biases, norms and the temperature
+    def exclude(n: str, p: torch.Tensor) -> bool:
+        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+              {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": cfg.optim.weight_decay}]
+    o = cfg.optim
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+
+
+# -- one step's loss -----------------------------------------------------------------------------
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def compute_loss(model, loss_fn, batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward the batch and return (total, terms). Negative texts ride along in the same text
+    forward (one DDP forward per step), then are split off as extra logits columns."""
+    images, texts = batch["image"], batch["text"]
+    n_txt = texts.shape[0]
+    negs = batch.get("neg_text") if cfg.loss.hard_negatives else None
+    if negs is not None and negs.shape[0]:
+        texts = torch.cat([texts, negs])
+    out = model(images, texts)
+    kind = cfg.loss.kind
+    if kind == "coca":
+        terms = loss_fn(image_features=out["image_features"], text_features=out["text_features"],
+                        logits=out["logits"], labels=out["labels"], logit_scale=out["logit_scale"], output_dict=True)
+    else:
+        txt = out["text_features"]
+        kwargs: dict[str, Any] = {}
+        if negs is not None and negs.shape[0]:
+            kwargs["negative_text_features"] = txt[n_txt:]
+            txt = txt[:n_txt]
+        if kind == "siglip":
+            terms = loss_fn(out["image_features"], txt, out["logit_scale"], out["logit_bias"], output_dict=True, **kwargs)
+        elif kind == "distill":
+            terms = loss_fn(out["image_features"], txt, out["logit_scale"],
+                            teacher_image_features=batch["teacher_image"], teacher_text_features=batch["teacher_text"],
+                            output_dict=True, **kwargs)
+        else:
+            terms = loss_fn(out["image_features"], txt, out["logit_scale"], output_dict=True, **kwargs)
+    if not isinstance(terms, dict):
+        terms = {"loss": terms}
+    return sum(terms.values()), terms
+
+
+# -- the loop ------------------------------------------------------------------------------------
+class MetricsLog:
+    """metrics.csv (always) and TensorBoard (when installed) on rank 0."""
+
+    def __init__(self, output: str, enabled: bool, tensorboard: bool):
+        self.enabled, self.fields, self.tb = enabled, None, None
+        self.path = f"{output.rstrip('/')}/metrics.csv"
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(f"{output.rstrip('/')}/tensorboard")
+            except ImportError:
+                log.info("tensorboard is not installed: metrics go to metrics.csv only")
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        fs, path = fsspec.core.url_to_fs(self.path)
+        new = not fs.exists(path)
+        if self.fields is None:
+            self.fields = list(row) if new else _csv_header(fs, path) or list(row)
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        with fs.open(path, "a") as f:  # appends: on object stores keep `output` local or mounted
+            w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _csv_header(fs, path) -> list[str] | None:
+    with fs.open(path, "r") as f:
+        line = f.readline().strip()
+    return line.split(",") if line else None
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> dict:
+    """Train to ``cfg.steps`` optimizer steps; returns a summary (rank 0's view)."""
+    from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from trainer.data import ReinforcedDataset, make_loader
+    from trainer.losses import build_loss
+    from trainer.models import create_model, embed_dim
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    rank, world, device = dist_setup()
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model, _, _, tokenizer = create_model(cfg.model.name, pretrained=cfg.model.pretrained,
+                                          context_length=cfg.model.context_length, device=str(device), output_dict=True)
+    if cfg.model.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    optimizer = make_optimizer(model, cfg)
+    use_amp = device.type == "cuda" and cfg.optim.precision != "fp32"
+    amp_dtype = torch.bfloat16 if cfg.optim.precision == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler("cuda") if use_amp and cfg.optim.precision == "fp16" else None
+
+    step, epoch, consumed = 0, 0, 0
+    ckpt = latest_checkpoint(cfg.output) if resume == "latest" else resume
+    if ckpt:
+        state = load_checkpoint(ckpt, model, optimizer, scaler)
+        step, epoch = int(state["step"]), int(state["epoch"])
+        consumed = int(state.get("data_position", {}).get("batches", 0))
+        if rank == 0:
+            log.info("resumed from %s at step %d (epoch %d, %d batches in)", ckpt, step, epoch, consumed)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    loss_fn = build_loss(cfg.loss.kind, rank=rank, world_size=world, **_loss_options(cfg))
+    metrics = MetricsLog(cfg.output, rank == 0, cfg.tensorboard)
+    dim = embed_dim(model) if cfg.loss.kind == "distill" else None
+
+    def dataset(ep: int) -> ReinforcedDataset:
+        return ReinforcedDataset(cfg.data.path, epoch=ep, seed=cfg.seed, rank=rank, world_size=world,
+                                 image_size=_image_size(model), tokenizer=tokenizer, text_choice=cfg.data.text_choice,
+                                 syn_weights=cfg.data.syn_weights, online_balance=cfg.data.online_balance,
+                                 use_teacher=cfg.loss.kind == "distill", hard_negatives=cfg.loss.hard_negatives,
+                                 resampled=cfg.data.resampled, expected_dim=dim)
+
+    dataset(epoch)  # bad data (no shards, wrong embedding dims) fails here, before step 1
+    t0, seen = time.time(), 0
+    summary: dict[str, Any] = {"rank": rank, "world_size": world}
+    while step < cfg.steps:
+        ds = dataset(epoch)
+        it = iter(make_loader(ds, cfg.data.batch_size, cfg.data.workers))
+        for _ in range(consumed):  # resume inside an epoch: the same stream, minus what was used
+            next(it, None)
+        while step < cfg.steps:
+            micro = [b for b in (next(it, None) for _ in range(cfg.optim.accum)) if b is not None]
+            if not _all_true(len(micro) == cfg.optim.accum, device):
+                break  # some rank ran out: the epoch ends for all (no rank waits in a collective)
+            consumed += len(micro)
+            lr = lr_at(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            terms_sum: dict[str, float] = {}
+            finite = True
+            for i, batch in enumerate(micro):
+                batch = _to(batch, device)
+                sync = nullcontext() if (world == 1 or i == len(micro) - 1) else ddp.no_sync()
+                with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
+                    total, terms = compute_loss(ddp, loss_fn, batch, cfg)
+                    total = total / len(micro)
+                finite = finite and bool(torch.isfinite(total).item())
+                if not finite:
+                    _write_nonfinite(cfg, step, rank, batch, terms)
+                else:
+                    (scaler.scale(total) if scaler else total).backward()
+                for k, v in terms.items():
+                    terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / len(micro)
+                if not finite:
+                    break
+            if not _all_true(finite, device):
+                metrics.close()
+                raise NonFiniteLoss(f"non-finite loss at step {step + 1}; batch uids and loss terms written to "
+                                    f"{cfg.output}/nonfinite_step_{step + 1}_rank*.json")
+            if scaler:
+                scaler.unscale_(optimizer)
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            step += 1
+            seen += sum(b["image"].shape[0] for b in micro) * world
+            if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps):
+                now = time.time()
+                row = {"step": step, "epoch": epoch, "lr": lr, "samples_per_s": seen / max(now - t0, 1e-9),
+                       "loss": sum(terms_sum.values()), **terms_sum,
+                       "logit_scale": float(model.logit_scale.exp())}
+                metrics.write(row)
+                summary.update(row)
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                if rank == 0:
+                    save_checkpoint(f"{cfg.output.rstrip('/')}/checkpoints/step_{step}.pt", model=model,
+                                    optimizer=optimizer, scaler=scaler, step=step, epoch=epoch,
+                                    data_position={"epoch": epoch, "batches": consumed}, config=cfg.model_dump(),
+                                    name=cfg.model.name)
+                if dist.is_initialized():
+                    dist.barrier()
+        else:
+            continue
+        epoch, consumed = epoch + 1, 0
+        summary.setdefault("skipped", {})
+        for k, v in getattr(ds, "stats", {}).items():
+            summary["skipped"][k] = summary["skipped"].get(k, 0) + v
+    metrics.close()
+    summary.update(step=step, epoch=epoch, seconds=time.time() - t0)
+    return summary
+
+
+def _image_size(model) -> int:
+    size = getattr(getattr(model, "visual", None), "image_size", 224)
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def _loss_options(cfg: TrainConfig) -> dict:
+    lc = cfg.loss
+    if lc.kind == "distill":
+        return {"lambda_distill": lc.lambda_distill, "teacher_logit_scale": lc.teacher_logit_scale}
+    if lc.kind == "coca":
+        return {"caption_loss_weight": lc.caption_loss_weight, "clip_loss_weight": lc.clip_loss_weight}
+    return {}
+
+
+def _write_nonfinite(cfg: TrainConfig, step: int, rank: int, batch: dict, terms: dict) -> None:
+    rec = {"step": step + 1, "rank": rank, "uids": list(batch.get("uid", [])),
+           "terms": {k: float(v.detach()) for k, v in terms.items()}}
+    with fsspec.open(f"{cfg.output.rstrip('/')}/nonfinite_step_{step + 1}_rank{rank}.json", "w") as f:
+        json.dump(rec, f, indent=1)
