@@ -1,0 +1,547 @@
+"""Evaluation of image–text models on a labelled set: zero-shot classification, retrieval and a
+compositional (SugarCrepe/ARO-style) test; ``recap eval``.
+
+Labelled set ("simple folder/webdataset format"; the demo world's ``heldout/`` is one):
+
+    DIR/shards/*.tar     webdataset samples: {key}.jpg (or png/jpeg/webp), {key}.txt caption,
+                         {key}.cls integer label, {key}.json with optional neg_caption, neg_type
+    DIR/classnames.txt   one class name per line (line i = label i)
+    DIR/templates.txt    prompt templates with "{}" (default: "a photo of a {}.")
+
+DIR may be a local path or any fsspec URL. A sample without an image or a caption, with an
+image that does not decode, or a shard that is cut short is skipped and counted in
+``result["skipped"]`` (by reason), never a crash. A sample with a bad or missing label stays in
+retrieval and the compositional test, and only leaves zero-shot.
+
+Metrics (all in [0, 1]; ties are broken at random *in expectation*, so a model that cannot tell
+things apart scores chance, not 1.0):
+
+- zero-shot top-1/top-5: class embedding = normalised mean of the normalised template embeddings
+- retrieval image→text and text→image R@1/5/10: the positives of an image are the texts equal to
+  its caption (identical captions of two images are both right)
+- compositional: per sample with a ``neg_caption``, right iff sim(image, caption) >
+  sim(image, neg_caption); overall and per ``neg_type``
+Chance levels are reported beside each.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import sys
+import tarfile
+from collections import Counter
+from typing import Any, Callable, Iterator, Sequence
+
+import fsspec
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+TASKS = ("zeroshot", "retrieval", "compositional")
+RECALL_KS = (1, 5, 10)
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+# -- reading the labelled set ---------------------------------------------------------------------
+
+def _read_lines(fs, path: str) -> list[str] | None:
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r", encoding="utf-8") as f:
+        return [line.rstrip("\n").rstrip("\r") for line in f if line.strip()]
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """webdataset convention: key = path up to the first dot of the file name, ext = the rest."""
+    head, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    return (f"{head}/{stem}" if head else stem), ext.lower() if dot else ""
+
+
+def iter_samples(data_dir: str, skipped: Counter) -> Iterator[dict[str, Any]]:
+    """Raw samples ``{key, image (bytes), caption, label (int|None), meta (dict)}`` of every shard
+    under ``data_dir/shards`` in name order; problems counted in ``skipped``."""
+    fs, root = fsspec.core.url_to_fs(data_dir)
+    shards = sorted(fs.glob(f"{root.rstrip('/')}/shards/*.tar"))
+    if not shards:
+        raise FileNotFoundError(f"no shards/*.tar under {data_dir}")
+    for shard in shards:
+        yield from _iter_shard(fs, shard, skipped)
+
+
+def _iter_shard(fs, shard: str, skipped: Counter) -> Iterator[dict[str, Any]]:
+    group: dict[str, bytes] = {}
+    key = None
+    try:
+        with fs.open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                k, ext = _split_name(member.name)
+                if key is not None and k != key:
+                    yield from _finish(key, group, skipped)
+                    group = {}
+                key = k
+                data = tar.extractfile(member).read()
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"member {member.name} cut short")
+                group[ext] = data
+    except (tarfile.TarError, OSError, EOFError) as e:
+        log.warning("shard %s is damaged (%s): the samples after the damage are lost", shard, e)
+        skipped["damaged_shard"] += 1
+        group = {}  # the sample being read when the damage hit is incomplete
+    if key is not None and group:
+        yield from _finish(key, group, skipped)
+
+
+def _finish(key: str, group: dict[str, bytes], skipped: Counter) -> Iterator[dict[str, Any]]:
+    image = next((group[e] for e in IMAGE_EXTS if e in group), None)
+    if image is None:
+        skipped["missing_image"] += 1
+        return
+    if "txt" not in group:
+        skipped["missing_caption"] += 1
+        return
+    try:
+        caption = group["txt"].decode("utf-8").strip()
+    except UnicodeDecodeError:
+        skipped["bad_caption"] += 1
+        return
+    if not caption:
+        skipped["missing_caption"] += 1
+        return
+    label = None
+    if "cls" in group:
+        try:
+            label = int(group["cls"].decode().strip())
+        except (UnicodeDecodeError, ValueError):
+            skipped["bad_label"] += 1
+    meta: dict[str, Any] = {}
+    if "json" in group:
+        try:
+            meta = json.loads(group["json"])
+            if not isinstance(meta, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            skipped["bad_json"] += 1
+            meta = {}
+    yield {"key": key, "image": image, "caption": caption, "label": label, "meta": meta}
+
+
+def _decode(image: bytes, preprocess: Callable) -> torch.Tensor | None:
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(image)) as img:
+            img.load()
+            return preprocess(img.convert("RGB"))
+    except Exception:  # noqa: BLE001 - any decoder failure is a bad image, counted by the caller
+        return None
+
+
+# -- embeddings -----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def _encode_texts(model, tokenizer, texts: Sequence[str], batch_size: int, device) -> torch.Tensor:
+    out = []
+    for i in range(0, len(texts), batch_size):
+        tokens = tokenizer(list(texts[i:i + batch_size])).to(device)
+        out.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
+@torch.no_grad()
+def _encode_images(model, batch: list[torch.Tensor], device) -> torch.Tensor:
+    x = torch.stack(batch).to(device)
+    p = next(iter(model.parameters()), None)
+    if p is not None and p.is_floating_point():
+        x = x.to(p.dtype)
+    return F.normalize(model.encode_image(x).float(), dim=-1).cpu()
+
+
+# -- metrics --------------------------------------------------------------------------------------
+
+def _hit_prob(scores: torch.Tensor, positive: torch.Tensor, ks: Sequence[int]) -> dict[int, torch.Tensor]:
+    """Per row, P(a positive is among the top k) with ties broken uniformly at random (taking the
+    best positive; positives tied with it are not competitors). ``positive``: bool, same shape."""
+    neg_inf = torch.tensor(float("-inf"), dtype=scores.dtype)
+    best = torch.where(positive, scores, neg_inf).max(dim=1, keepdim=True).values
+    negatives = ~positive
+    greater = ((scores > best) & negatives).sum(1).double()
+    ties = ((scores == best) & negatives).sum(1).double()
+    return {k: ((k - greater) / (ties + 1)).clamp(0, 1) for k in ks}
+
+
+def _mean(x: torch.Tensor) -> float:
+    return float(x.double().mean()) if x.numel() else float("nan")
+
+
+def zeroshot_metrics(image_emb: torch.Tensor, labels: torch.Tensor, class_emb: torch.Tensor) -> dict[str, Any]:
+    n_classes = class_emb.shape[0]
+    scores = image_emb @ class_emb.T
+    positive = torch.zeros_like(scores, dtype=torch.bool)
+    positive[torch.arange(len(labels)), labels] = True
+    hits = _hit_prob(scores, positive, (1, 5))
+    per_class = {}
+    for c in range(n_classes):
+        sel = labels == c
+        if sel.any():
+            per_class[c] = _mean(hits[1][sel])
+    return {"top1": _mean(hits[1]), "top5": _mean(hits[5]), "n": int(len(labels)), "n_classes": n_classes,
+            "chance_top1": 1.0 / n_classes, "chance_top5": min(5, n_classes) / n_classes,
+            "per_class_top1": per_class}
+
+
+def retrieval_metrics(image_emb: torch.Tensor, text_emb: torch.Tensor, captions: Sequence[str],
+                      ks: Sequence[int] = RECALL_KS, chunk: int = 1024) -> dict[str, Any]:
+    """Image i's caption is text i; identical caption strings are positives of each other."""
+    n = len(captions)
+    ids: dict[str, int] = {}
+    group = torch.tensor([ids.setdefault(c, len(ids)) for c in captions])
+    i2t = {k: [] for k in ks}
+    t2i = {k: [] for k in ks}
+    for s in range(0, n, chunk):
+        rows = slice(s, min(n, s + chunk))
+        positive = group[rows, None] == group[None, :]
+        for k, v in _hit_prob(image_emb[rows] @ text_emb.T, positive, ks).items():
+            i2t[k].append(v)
+        for k, v in _hit_prob(text_emb[rows] @ image_emb.T, positive, ks).items():
+            t2i[k].append(v)
+    return {"image_to_text": {f"R@{k}": _mean(torch.cat(i2t[k])) for k in ks},
+            "text_to_image": {f"R@{k}": _mean(torch.cat(t2i[k])) for k in ks},
+            "n": n, "chance": {f"R@{k}": min(k, n) / n if n else float("nan") for k in ks}}
+
+
+def compositional_metrics(image_emb: torch.Tensor, pos_emb: torch.Tensor, neg_emb: torch.Tensor,
+                          neg_types: Sequence[str]) -> dict[str, Any]:
+    pos = (image_emb * pos_emb).sum(-1)
+    neg = (image_emb * neg_emb).sum(-1)
+    right = (pos > neg).double() + 0.5 * (pos == neg).double()  # a tie is a coin flip
+    by_type: dict[str, dict[str, Any]] = {}
+    for t in sorted(set(neg_types)):
+        sel = torch.tensor([x == t for x in neg_types])
+        by_type[t] = {"accuracy": _mean(right[sel]), "n": int(sel.sum())}
+    return {"accuracy": _mean(right), "n": int(len(neg_types)), "chance": 0.5, "by_type": by_type}
+
+
+# -- evaluate -------------------------------------------------------------------------------------
+
+def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str, *, batch_size: int = 64,
+             device: str | torch.device = "cpu", tasks: Sequence[str] = TASKS) -> dict[str, Any]:
+    """Evaluate ``model`` (anything with ``encode_image``/``encode_text``; DDP-wrapped is fine) on
+    the labelled set at ``data_dir``. ``preprocess``: PIL image → tensor (open_clip's
+    preprocess_val); ``tokenizer``: list[str] → token tensor. Returns::
+
+        {"n": samples used, "skipped": {reason: count}, "data": data_dir,
+         "zeroshot":      {"top1", "top5", "chance_top1", "chance_top5", "n", "n_classes", "per_class_top1"},
+         "retrieval":     {"image_to_text": {"R@1","R@5","R@10"}, "text_to_image": {...}, "chance": {...}, "n"},
+         "compositional": {"accuracy", "chance", "n", "by_type": {neg_type: {"accuracy", "n"}}}}
+
+    A task that cannot run (no classnames.txt, no labels, no neg captions) is reported as
+    ``{"skipped": reason}``. The model's train/eval mode is restored afterwards."""
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {list(TASKS)}")
+    model = getattr(model, "module", model)
+    fs, root = fsspec.core.url_to_fs(data_dir)
+    root = root.rstrip("/")
+    classnames = _read_lines(fs, f"{root}/classnames.txt")
+    templates = _read_lines(fs, f"{root}/templates.txt") or list(DEFAULT_TEMPLATES)
+    skipped: Counter = Counter()
+
+    was_training = model.training
+    model.eval()
+    try:
+        images, captions, labels, negs, neg_types = [], [], [], [], []
+        pending: list[torch.Tensor] = []
+        for s in iter_samples(data_dir, skipped):
+            x = _decode(s["image"], preprocess)
+            if x is None:
+                skipped["bad_image"] += 1
+                continue
+            pending.append(x)
+            captions.append(s["caption"])
+            labels.append(s["label"])
+            neg = s["meta"].get("neg_caption")
+            negs.append(neg if isinstance(neg, str) and neg.strip() else None)
+            neg_types.append(str(s["meta"].get("neg_type") or "unknown"))
+            if len(pending) == batch_size:
+                images.append(_encode_images(model, pending, device))
+                pending = []
+        if pending:
+            images.append(_encode_images(model, pending, device))
+        result: dict[str, Any] = {"data": data_dir, "n": len(captions), "skipped": dict(sorted(skipped.items()))}
+        if not captions:
+            for t in tasks:
+                result[t] = {"skipped": "no usable samples"}
+            return result
+        image_emb = torch.cat(images)
+        need_text = "retrieval" in tasks or "compositional" in tasks
+        text_emb = _encode_texts(model, tokenizer, captions, batch_size, device) if need_text else None
+
+        if "zeroshot" in tasks:
+            result["zeroshot"] = _zeroshot(model, tokenizer, image_emb, labels, classnames, templates,
+                                           batch_size, device, skipped)
+            result["skipped"] = dict(sorted(skipped.items()))
+        if "retrieval" in tasks:
+            result["retrieval"] = retrieval_metrics(image_emb, text_emb, captions)
+        if "compositional" in tasks:
+            idx = [i for i, n in enumerate(negs) if n is not None]
+            if not idx:
+                result["compositional"] = {"skipped": "no sample has a neg_caption"}
+            else:
+                neg_emb = _encode_texts(model, tokenizer, [negs[i] for i in idx], batch_size, device)
+                sel = torch.tensor(idx)
+                result["compositional"] = compositional_metrics(image_emb[sel], text_emb[sel], neg_emb,
+                                                                [neg_types[i] for i in idx])
+        return result
+    finally:
+        model.train(was_training)
+
+
+def _zeroshot(model, tokenizer, image_emb, labels, classnames, templates, batch_size, device, skipped):
+    if not classnames:
+        return {"skipped": "no classnames.txt"}
+    n_classes = len(classnames)
+    keep = [i for i, lab in enumerate(labels) if lab is not None and 0 <= lab < n_classes]
+    out_of_range = sum(1 for lab in labels if lab is not None and not 0 <= lab < n_classes)
+    if out_of_range:
+        skipped["label_out_of_range"] += out_of_range
+    if not keep:
+        return {"skipped": "no sample has a valid label"}
+    class_emb = class_embeddings(model, tokenizer, classnames, templates, batch_size, device)
+    res = zeroshot_metrics(image_emb[torch.tensor(keep)], torch.tensor([labels[i] for i in keep]), class_emb)
+    res["per_class_top1"] = {classnames[c]: v for c, v in res["per_class_top1"].items()}
+    return res
+
+
+def class_embeddings(model, tokenizer, classnames: Sequence[str], templates: Sequence[str], batch_size: int = 64,
+                     device: str | torch.device = "cpu") -> torch.Tensor:
+    """``[n_classes, D]``: per class, the normalised mean of its normalised template embeddings."""
+    texts = [t.replace("{}", c) if "{}" in t else f"{t} {c}" for c in classnames for t in templates]
+    emb = _encode_texts(model, tokenizer, texts, batch_size, device)
+    emb = emb.reshape(len(classnames), len(templates), -1).mean(1)
+    return F.normalize(emb, dim=-1)
+
+
+def flatten(result: dict[str, Any]) -> dict[str, float]:
+    """The headline numbers as flat ``task/metric`` keys (for metrics.csv / tensorboard)."""
+    flat: dict[str, float] = {}
+    zs = result.get("zeroshot", {})
+    if "top1" in zs:
+        flat.update({"zeroshot/top1": zs["top1"], "zeroshot/top5": zs["top5"]})
+    rt = result.get("retrieval", {})
+    for d in ("image_to_text", "text_to_image"):
+        for k, v in rt.get(d, {}).items():
+            flat[f"retrieval/{d}/{k}"] = v
+    cp = result.get("compositional", {})
+    if "accuracy" in cp:
+        flat["compositional/accuracy"] = cp["accuracy"]
+        for t, v in cp["by_type"].items():
+            flat[f"compositional/{t}"] = v["accuracy"]
+    return flat
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A human-readable table of ``evaluate``'s result."""
+    lines = [f"data: {result.get('data')}   samples: {result.get('n')}"]
+    if result.get("skipped"):
+        lines.append("skipped: " + ", ".join(f"{k}={v}" for k, v in result["skipped"].items()))
+    rows: list[tuple[str, str, str]] = []
+    zs = result.get("zeroshot")
+    if zs is not None:
+        if "top1" in zs:
+            rows += [(f"zero-shot top-1 ({zs['n_classes']} classes)", f"{zs['top1']:.4f}", f"{zs['chance_top1']:.4f}"),
+                     ("zero-shot top-5", f"{zs['top5']:.4f}", f"{zs['chance_top5']:.4f}")]
+        else:
+            rows.append(("zero-shot", f"skipped: {zs['skipped']}", ""))
+    rt = result.get("retrieval")
+    if rt is not None:
+        if "image_to_text" in rt:
+            for d, label in (("image_to_text", "image→text"), ("text_to_image", "text→image")):
+                for k, v in rt[d].items():
+                    rows.append((f"retrieval {label} {k}", f"{v:.4f}", f"{rt['chance'][k]:.4f}"))
+        else:
+            rows.append(("retrieval", f"skipped: {rt['skipped']}", ""))
+    cp = result.get("compositional")
+    if cp is not None:
+        if "accuracy" in cp:
+            rows.append((f"compositional (n={cp['n']})", f"{cp['accuracy']:.4f}", "0.5000"))
+            for t, v in cp["by_type"].items():
+                rows.append((f"  {t} (n={v['n']})", f"{v['accuracy']:.4f}", "0.5000"))
+        else:
+            rows.append(("compositional", f"skipped: {cp['skipped']}", ""))
+    if rows:
+        w = max(len(r[0]) for r in rows)
+        lines.append(f"{'metric'.ljust(w)}  {'value':>8}  {'chance':>8}")
+        lines += [f"{a.ljust(w)}  {b:>8}  {c:>8}" for a, b, c in rows]
+    return "\n".join(lines)
+
+
+# -- recap eval -----------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="recap eval",
+        description="Zero-shot, retrieval and compositional evaluation of a checkpoint (or an open_clip model) "
+                    "on a labelled set (shards/*.tar + classnames.txt + templates.txt).",
+        epilog="Arguments after `--` go to clip_benchmark's `eval` (with --clip-benchmark), e.g. "
+               "`-- --dataset cifar10 --dataset_root DIR`.")
+    p.add_argument("target", metavar="CHECKPOINT_OR_MODEL",
+                   help="a checkpoint (path or URL), a run directory (its latest checkpoint), or a model name")
+    p.add_argument("--model", help="model name (default: the name stored in the checkpoint)")
+    p.add_argument("--pretrained", help="an open_clip pretrained tag (when the target is a model name)")
+    p.add_argument("--data", help="labelled set directory (local or fsspec URL)")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--context-length", type=int, default=None, help="text context (above the model's: Long-CLIP stretch)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--out", help="also write the JSON result to this file (local or URL)")
+    p.add_argument("--clip-benchmark", action="store_true",
+                   help="also run clip_benchmark (pip install clip_benchmark) on the checkpoint")
+    return p
+
+
+def _resolve_target(target: str, model_name: str | None, pretrained: str | None) -> tuple[str, str | None, int | None]:
+    """→ (model name, pretrained (tag or checkpoint path), stored context length)."""
+    from trainer.checkpoint import latest_checkpoint, read_checkpoint
+
+    fs, path = fsspec.core.url_to_fs(target)
+    ckpt = None
+    if fs.exists(path):
+        ckpt = latest_checkpoint(target) if fs.isdir(path) else target
+        if ckpt is None:
+            raise FileNotFoundError(f"no checkpoints/step_N.pt under {target}")
+    if ckpt is None and ("://" in target or target.endswith((".pt", ".pth", ".bin", ".safetensors"))):
+        raise FileNotFoundError(f"no checkpoint at {target}")
+    if ckpt is None:  # a model name
+        if model_name and model_name != target:
+            raise ValueError(f"{target!r} is neither a checkpoint nor a directory, and --model says {model_name!r}")
+        return target, pretrained, None
+    if pretrained:
+        raise ValueError("--pretrained goes with a model name, not with a checkpoint")
+    meta = read_checkpoint(ckpt)
+    name = model_name or meta.get("name")
+    if not name:
+        raise ValueError(f"{ckpt} does not record its model name: pass --model")
+    return name, ckpt, meta.get("context_length")
+
+
+def eval_cli(argv: list[str]) -> int:
+    """``recap eval CHECKPOINT_OR_MODEL --data DIR [--model NAME] [--pretrained TAG] [--json]
+    [--out FILE] [--clip-benchmark [-- CLIP_BENCHMARK_ARGS]]``. Exit 0 ok, 1 failed, 2 usage."""
+    argv = list(argv)
+    cb_args: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, cb_args = argv[:i], argv[i + 1:]
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:
+        return EXIT_OK if e.code == 0 else EXIT_USAGE
+    tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())
+    if set(tasks) - set(TASKS):
+        print(f"recap eval: unknown tasks {sorted(set(tasks) - set(TASKS))}; choose from {','.join(TASKS)}", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.data and not args.clip_benchmark:
+        print("recap eval: --data DIR is required (or --clip-benchmark)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.clip_benchmark and not _has_clip_benchmark():
+        print("recap eval: --clip-benchmark needs the clip_benchmark package: pip install clip_benchmark",
+              file=sys.stderr)
+        return EXIT_FAILED
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        from trainer.models import create_model
+
+        name, pretrained, ctx = _resolve_target(args.target, args.model, args.pretrained)
+        context_length = args.context_length or ctx
+        model, _, preprocess, tokenizer = create_model(name, pretrained=pretrained, context_length=context_length,
+                                                       device=device)
+        result: dict[str, Any] = {"model": name, "pretrained": pretrained}
+        if args.data:
+            result.update(evaluate(model, preprocess, tokenizer, args.data, batch_size=args.batch_size,
+                                   device=device, tasks=tasks))
+        if args.clip_benchmark:
+            result["clip_benchmark"] = run_clip_benchmark(name, pretrained, cb_args, context_length=context_length)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        print(f"recap eval: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    text = json.dumps(result, indent=1, default=str)
+    if args.out:
+        with fsspec.open(args.out, "w") as f:
+            f.write(text + "\n")
+    if args.json:
+        print(text)
+    else:
+        print(f"model: {name}   weights: {pretrained or 'random init'}")
+        if args.data:
+            print(format_table(result))
+        if args.clip_benchmark:
+            print(f"clip_benchmark: {json.dumps(result['clip_benchmark'], default=str)}")
+    return EXIT_OK
+
+
+# -- clip_benchmark -------------------------------------------------------------------------------
+
+def _has_clip_benchmark() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("clip_benchmark") is not None
+
+
+def run_clip_benchmark(name: str, pretrained: str | None, extra_args: Sequence[str] = (),
+                       context_length: int | None = None) -> list[dict[str, Any]]:
+    """Run clip_benchmark's ``eval`` in this process on our model: a ``recap`` model type is
+    registered with it whose loader is ``trainer.models.create_model`` (our configs, our
+    tokenizer, stretched contexts, checkpoint paths/URLs). ``extra_args`` are its own CLI
+    arguments (``--dataset``, ``--dataset_root``, ``--task``, ``--output``, ...). Returns the JSON
+    dumps it wrote (one per dataset/language)."""
+    if not _has_clip_benchmark():
+        raise RuntimeError("clip_benchmark is not installed: pip install clip_benchmark")
+    import glob
+    import os
+    import tempfile
+
+    import clip_benchmark.cli as cb_cli
+    import clip_benchmark.models as cb_models
+
+    from trainer.models import create_model
+
+    def load_recap(model_name: str, pretrained: str | None, cache_dir: str | None = None, device="cpu", **_):
+        model, _, preprocess, tokenizer = create_model(
+            model_name, pretrained=pretrained if pretrained not in ("", "none", "None") else None,
+            context_length=context_length, device=device)
+        return model, preprocess, tokenizer
+
+    model_type = "open_clip"
+    if hasattr(cb_models, "TYPE2FUNC") and hasattr(cb_models, "MODEL_TYPES"):
+        cb_models.TYPE2FUNC["recap"] = load_recap
+        if "recap" not in cb_models.MODEL_TYPES:
+            cb_models.MODEL_TYPES.append("recap")  # the same list object its CLI offers as choices
+        model_type = "recap"
+    extra = list(extra_args)
+    with tempfile.TemporaryDirectory() as tmp:
+        if "--output" not in extra:
+            extra += ["--output", os.path.join(tmp, "{dataset}_{language}_{task}.json")]
+        argv = ["clip_benchmark", "eval", "--model", name, "--pretrained", pretrained or "none",
+                "--model_type", model_type, *extra]
+        saved = sys.argv
+        try:
+            sys.argv = argv
+            base = cb_cli.get_parser_args()
+        finally:
+            sys.argv = saved
+        cb_cli.main_eval(base)
+        results = []
+        pattern = base.output if "{" not in base.output else os.path.join(tmp, "*.json")
+        for path in sorted(glob.glob(pattern)):
+            with open(path) as f:
+                results.append(json.load(f))
+    return results
