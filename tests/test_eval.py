@@ -1,0 +1,282 @@
+"""trainer.eval on the demo world's held-out split: valid, near-chance numbers for an untrained model;
+exactly 1.0 for an oracle (the metric code is right); chance for a model that sees nothing (ties);
+damaged samples and shards skipped and counted; ``recap eval``."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from trainer.checkpoint import save_checkpoint
+from trainer.eval import eval_cli, evaluate, flatten, format_table, retrieval_metrics
+from trainer.models import create_model
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory) -> Path:
+    from world.generate import generate_world
+
+    out = tmp_path_factory.mktemp("world") / "w"
+    generate_world(out, samples=50, heldout=60, seed=0, port=8765)
+    return out / "heldout"
+
+
+def _samples(data: Path) -> list[dict]:
+    """key → {image bytes, caption, label, meta} straight from the tars."""
+    groups: dict[str, dict] = {}
+    for shard in sorted((data / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for m in tar.getmembers():
+                key, ext = m.name.split(".", 1)
+                groups.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    return [{"key": k, "image": g["jpg"], "caption": g["txt"].decode(), "label": int(g["cls"]),
+             "meta": json.loads(g["json"])} for k, g in sorted(groups.items())]
+
+
+def _pixels_hash(img: Image.Image) -> str:
+    return hashlib.sha256(img.convert("RGB").tobytes()).hexdigest()
+
+
+class Oracle(torch.nn.Module):
+    """Knows every sample: ``preprocess`` turns an image into its sample index (by pixel hash), the
+    tokenizer turns a text into an index into a text table. Embeddings: one-hot of the class (from
+    the sample's label for its caption and image, from the class word for a prompt) plus a small
+    text-specific direction, so an image equals exactly its own caption's embedding."""
+
+    def __init__(self, samples: list[dict], classnames: list[str], image_text: str = "caption"):
+        super().__init__()
+        self.samples, self.classnames = samples, classnames
+        self.by_pixels = {_pixels_hash(Image.open(io.BytesIO(s["image"]))): i for i, s in enumerate(samples)}
+        self.label_of_text = {s["caption"]: s["label"] for s in samples}
+        self.texts: list[str] = []
+        self.image_text = image_text  # "caption", or "neg" for an anti-oracle that sees the negative
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def preprocess(self, img: Image.Image) -> torch.Tensor:
+        return torch.tensor([float(self.by_pixels[_pixels_hash(img)])])
+
+    def tokenizer(self, texts: list[str]) -> torch.Tensor:
+        ids = []
+        for t in texts:
+            self.texts.append(t)
+            ids.append(len(self.texts) - 1)
+        return torch.tensor(ids)
+
+    def _embed(self, text: str, label: int | None) -> torch.Tensor:
+        if label is None:
+            label = self.label_of_text.get(text)
+        if label is None:  # a prompt: its single class word
+            words = set(text.lower().replace(".", " ").split())
+            found = [i for i, c in enumerate(self.classnames) if c in words]
+            label = found[0] if len(found) == 1 else -1
+        onehot = torch.zeros(len(self.classnames))
+        if label >= 0:
+            onehot[label] = 1.0
+        g = torch.Generator().manual_seed(int(hashlib.sha256(text.encode()).hexdigest()[:12], 16))
+        return F.normalize(torch.cat([onehot, 0.1 * F.normalize(torch.randn(64, generator=g), dim=0)]), dim=0)
+
+    def encode_image(self, x: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in x[:, 0].long().tolist():
+            s = self.samples[i]
+            if self.image_text == "caption":
+                out.append(self._embed(s["caption"], s["label"]))
+            else:  # exactly what the negative caption embeds to
+                out.append(self._embed(s["meta"]["neg_caption"], None))
+        return torch.stack(out)
+
+    def encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self._embed(self.texts[i], None) for i in ids.tolist()])
+
+
+class Blind(torch.nn.Module):
+    """Every image and every text embeds to the same vector: all scores tie."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def encode_image(self, x):
+        return torch.ones(x.shape[0], 8)
+
+    def encode_text(self, ids):
+        return torch.ones(ids.shape[0], 8)
+
+
+def _check_valid(result: dict) -> None:
+    for k, v in flatten(result).items():
+        assert 0.0 <= v <= 1.0, (k, v)
+
+
+def test_untrained_tiny_model_near_chance(heldout):
+    model, _, preprocess, tok = create_model("recap-tiny")
+    model.train()
+    r = evaluate(model, preprocess, tok, str(heldout), batch_size=16)
+    assert model.training  # mode restored
+    assert r["n"] == 60 and r["skipped"] == {}
+    _check_valid(r)
+    zs, rt, cp = r["zeroshot"], r["retrieval"], r["compositional"]
+    assert zs["n_classes"] == 14 and zs["chance_top1"] == pytest.approx(1 / 14) and zs["chance_top5"] == pytest.approx(5 / 14)
+    assert rt["chance"] == {"R@1": pytest.approx(1 / 60), "R@5": pytest.approx(5 / 60), "R@10": pytest.approx(10 / 60)}
+    assert cp["chance"] == 0.5 and cp["n"] == 60 and sum(v["n"] for v in cp["by_type"].values()) == 60
+    assert set(cp["by_type"]) <= {"swap_colour", "replace_colour", "replace_shape"}
+    # near chance (60 samples: generous bounds)
+    assert zs["top1"] < 0.35 and zs["top5"] < 0.8
+    assert rt["image_to_text"]["R@1"] < 0.2 and rt["text_to_image"]["R@1"] < 0.2
+    assert 0.2 < cp["accuracy"] < 0.8
+    assert "zero-shot top-1" in format_table(r)
+
+
+def test_oracle_scores_one(heldout):
+    samples = _samples(heldout)
+    classnames = (heldout / "classnames.txt").read_text().split()
+    oracle = Oracle(samples, classnames)
+    r = evaluate(oracle, oracle.preprocess, oracle.tokenizer, str(heldout), batch_size=7)
+    assert r["n"] == 60 and r["skipped"] == {}
+    assert r["zeroshot"]["top1"] == 1.0 and r["zeroshot"]["top5"] == 1.0
+    assert all(v == 1.0 for v in r["zeroshot"]["per_class_top1"].values())
+    for d in ("image_to_text", "text_to_image"):
+        assert r["retrieval"][d] == {"R@1": 1.0, "R@5": 1.0, "R@10": 1.0}
+    assert r["compositional"]["accuracy"] == 1.0
+    assert all(v["accuracy"] == 1.0 for v in r["compositional"]["by_type"].values())
+
+    # an image that "looks like" its negative caption: the compositional test must fail every time
+    anti = Oracle(samples, classnames, image_text="neg")
+    r = evaluate(anti, anti.preprocess, anti.tokenizer, str(heldout), tasks=("compositional", "retrieval"))
+    assert r["compositional"]["accuracy"] == 0.0 and "zeroshot" not in r
+    assert r["retrieval"]["image_to_text"]["R@1"] < 0.5
+
+
+def test_all_ties_score_exactly_chance(heldout):
+    blind = Blind()
+    tok = lambda texts: torch.zeros(len(texts), 1)  # noqa: E731
+    _, _, preprocess, _ = create_model("recap-tiny")
+    r = evaluate(blind, preprocess, tok, str(heldout))
+    assert r["zeroshot"]["top1"] == pytest.approx(1 / 14) and r["zeroshot"]["top5"] == pytest.approx(5 / 14)
+    # the only exact-duplicate captions are positives of each other; otherwise exactly k/n
+    assert len({s["caption"] for s in _samples(heldout)}) == 60
+    assert r["retrieval"]["image_to_text"]["R@1"] == pytest.approx(1 / 60)
+    assert r["retrieval"]["text_to_image"]["R@10"] == pytest.approx(10 / 60)
+    assert r["compositional"]["accuracy"] == 0.5
+
+
+def test_retrieval_identical_captions_are_positives_and_ties_are_shared():
+    img = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    txt = img.clone()
+    r = retrieval_metrics(img, txt, ["a cat", "a cat", "a dog"], ks=(1, 2))
+    assert r["image_to_text"] == {"R@1": 1.0, "R@2": 1.0} and r["text_to_image"]["R@1"] == 1.0
+    r = retrieval_metrics(img, txt, ["a cat", "another cat", "a dog"], ks=(1, 2))
+    # images 0 and 1 each tie with one other text: a coin flip at R@1, certain at R@2
+    assert r["image_to_text"]["R@1"] == pytest.approx((0.5 + 0.5 + 1) / 3) and r["image_to_text"]["R@2"] == 1.0
+
+
+def _rewrite_tar(src: Path, dst: Path, edit) -> None:
+    with tarfile.open(src) as tin, tarfile.open(dst, "w", format=tarfile.USTAR_FORMAT) as tout:
+        for m in tin.getmembers():
+            data = tin.extractfile(m).read()
+            data = edit(m.name, data)
+            if data is None:
+                continue
+            info = tarfile.TarInfo(m.name)
+            info.size = len(data)
+            tout.addfile(info, io.BytesIO(data))
+
+
+def test_damaged_members_and_shards_are_skipped_and_counted(heldout, tmp_path):
+    data = tmp_path / "damaged"
+    shutil.copytree(heldout, data)
+    src = heldout / "shards" / "00000.tar"
+    keys = sorted({n.split(".")[0] for n in tarfile.open(src).getnames()})
+
+    def edit(name, payload):
+        key, ext = name.split(".", 1)
+        if key == keys[3] and ext == "jpg":
+            return b"\xff\xd8 this is not a jpeg"
+        if key == keys[7] and ext == "txt":
+            return None  # missing caption
+        if key == keys[9] and ext == "json":
+            return b"{not json"
+        if key == keys[11] and ext == "cls":
+            return b"seven"
+        if key == keys[13] and ext == "jpg":
+            return None  # missing image
+        return payload
+
+    _rewrite_tar(src, data / "shards" / "00000.tar", edit)
+    # a second shard cut off in the middle of a member: what came before it still counts
+    whole = src.read_bytes()
+    (data / "shards" / "00001.tar").write_bytes(whole[: len(whole) // 3])
+    _, _, preprocess, tok = create_model("recap-tiny")
+    model, *_ = create_model("recap-tiny")
+    r = evaluate(model, preprocess, tok, str(data))
+    skipped = r["skipped"]
+    assert skipped["bad_image"] == 1 and skipped["missing_caption"] == 1 and skipped["missing_image"] == 1
+    assert skipped["bad_json"] == 1 and skipped["bad_label"] == 1 and skipped["damaged_shard"] == 1
+    first = 60 - 3  # bad image, missing caption, missing image
+    assert first < r["n"] < first + 60 // 3 + 1
+    assert r["zeroshot"]["n"] == r["n"] - 1  # the sample with a bad label leaves zero-shot only
+    assert r["compositional"]["n"] == r["n"] - 1  # the sample with broken json has no negative
+    _check_valid(r)
+
+
+def test_missing_data_and_task_skips(tmp_path, heldout):
+    model, _, preprocess, tok = create_model("recap-tiny")
+    with pytest.raises(FileNotFoundError):
+        evaluate(model, preprocess, tok, str(tmp_path / "nothing"))
+    with pytest.raises(ValueError, match="unknown tasks"):
+        evaluate(model, preprocess, tok, str(heldout), tasks=("zeroshot", "vqa"))
+    data = tmp_path / "nolabels"
+    shutil.copytree(heldout, data)
+    (data / "classnames.txt").unlink()
+    (data / "templates.txt").unlink()
+    r = evaluate(model, preprocess, tok, str(data))
+    assert r["zeroshot"] == {"skipped": "no classnames.txt"} and "image_to_text" in r["retrieval"]
+
+
+def test_eval_cli(tmp_path, heldout, capsys):
+    model, *_ = create_model("recap-tiny")
+    run = tmp_path / "run"
+    ckpt = run / "checkpoints" / "step_3.pt"
+    save_checkpoint(str(ckpt), model=model, step=3, epoch=0, data_position={}, config=None, name="recap-tiny")
+    out = tmp_path / "result.json"
+    # a run directory → its latest checkpoint; the model name comes from the checkpoint
+    assert eval_cli([str(run), "--data", str(heldout), "--json", "--out", str(out), "--batch-size", "32"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    written = json.loads(out.read_text())
+    assert printed == written and written["model"] == "recap-tiny" and written["pretrained"] == str(ckpt)
+    assert written["n"] == 60 and math.isfinite(written["zeroshot"]["top1"])
+    # table output, an explicit checkpoint and --model, a subset of tasks
+    assert eval_cli([str(ckpt), "--model", "recap-tiny", "--data", str(heldout), "--tasks", "compositional"]) == 0
+    text = capsys.readouterr().out
+    assert "compositional" in text and "zero-shot" not in text
+    # a bare model name (random init)
+    assert eval_cli(["recap-tiny", "--data", str(heldout), "--tasks", "zeroshot"]) == 0
+    capsys.readouterr()
+    # failures: exit 1 with a message; usage errors: exit 2
+    assert eval_cli([str(tmp_path / "missing.pt"), "--data", str(heldout)]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+    assert eval_cli([str(tmp_path / "empty-run-dir-x")]) == 2
+    assert eval_cli([str(ckpt), "--data", str(heldout), "--tasks", "vqa"]) == 2
+    (tmp_path / "empty").mkdir()
+    assert eval_cli([str(tmp_path / "empty"), "--data", str(heldout)]) == 1
+    capsys.readouterr()
+
+
+def test_eval_cli_clip_benchmark_needs_the_package(tmp_path, heldout, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "clip_benchmark" else real(name, *a))
+    assert eval_cli(["recap-tiny", "--clip-benchmark"]) == 1
+    assert "pip install clip_benchmark" in capsys.readouterr().err
