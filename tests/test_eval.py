@@ -8,6 +8,7 @@ import io
 import json
 import math
 import shutil
+import sys
 import tarfile
 from pathlib import Path
 
@@ -273,10 +274,53 @@ def test_eval_cli(tmp_path, heldout, capsys):
     capsys.readouterr()
 
 
-def test_eval_cli_clip_benchmark_needs_the_package(tmp_path, heldout, capsys, monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "clip_benchmark" else real(name, *a))
+def test_eval_cli_clip_benchmark_needs_the_package(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "clip_benchmark", None)  # import fails as if not installed
     assert eval_cli(["recap-tiny", "--clip-benchmark"]) == 1
     assert "pip install clip_benchmark" in capsys.readouterr().err
+
+
+def test_eval_cli_clip_benchmark_bridge(tmp_path, capsys, monkeypatch):
+    """A stand-in with clip_benchmark's entry points (cli.get_parser_args reading sys.argv,
+    cli.main_eval, models.TYPE2FUNC/MODEL_TYPES): our checkpoint is loaded through the registered
+    `recap` model type and its JSON dump comes back."""
+    import argparse
+    import types
+
+    calls = {}
+    models_mod = types.ModuleType("clip_benchmark.models")
+    models_mod.TYPE2FUNC, models_mod.MODEL_TYPES = {}, ["open_clip"]
+    cli_mod = types.ModuleType("clip_benchmark.cli")
+
+    def get_parser_args():
+        p = argparse.ArgumentParser()
+        sub = p.add_subparsers()
+        e = sub.add_parser("eval")
+        for a in ("--dataset", "--dataset_root", "--model", "--pretrained", "--output"):
+            e.add_argument(a)
+        e.add_argument("--model_type", choices=models_mod.MODEL_TYPES)
+        return p.parse_args(sys.argv[1:])
+
+    def main_eval(base):
+        model, transform, tokenizer = models_mod.TYPE2FUNC[base.model_type](
+            model_name=base.model, pretrained=base.pretrained, cache_dir=None, device="cpu")
+        calls["ctx"] = tokenizer.context_length
+        calls["params"] = {k: v.clone() for k, v in model.state_dict().items()}
+        with open(base.output.format(dataset=base.dataset, language="en", task="zeroshot_classification"), "w") as f:
+            json.dump({"dataset": base.dataset, "model": base.model, "metrics": {"acc1": 0.5}}, f)
+
+    cli_mod.get_parser_args, cli_mod.main_eval = get_parser_args, main_eval
+    pkg = types.ModuleType("clip_benchmark")
+    pkg.cli, pkg.models = cli_mod, models_mod
+    monkeypatch.setitem(sys.modules, "clip_benchmark", pkg)
+    monkeypatch.setitem(sys.modules, "clip_benchmark.cli", cli_mod)
+    monkeypatch.setitem(sys.modules, "clip_benchmark.models", models_mod)
+
+    model, *_ = create_model("recap-tiny", context_length=100)
+    ckpt = tmp_path / "step_1.pt"
+    save_checkpoint(str(ckpt), model=model, step=1, epoch=0, data_position={}, config=None, name="recap-tiny")
+    assert eval_cli([str(ckpt), "--clip-benchmark", "--json", "--", "--dataset", "cifar10"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["clip_benchmark"] == [{"dataset": "cifar10", "model": "recap-tiny", "metrics": {"acc1": 0.5}}]
+    assert calls["ctx"] == 100  # our loader: the stretched context comes back
+    assert all(torch.equal(calls["params"][k], v) for k, v in model.state_dict().items())

@@ -491,9 +491,11 @@ def eval_cli(argv: list[str]) -> int:
 # -- clip_benchmark -------------------------------------------------------------------------------
 
 def _has_clip_benchmark() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("clip_benchmark") is not None
+    try:
+        import clip_benchmark  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def run_clip_benchmark(name: str, pretrained: str | None, extra_args: Sequence[str] = (),
