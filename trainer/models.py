@@ -3,7 +3,7 @@
 ``create_model`` accepts any open_clip model name (``ViT-B-32``, ``convnext_base``,
 ``MobileCLIP-S1``, ``coca_ViT-B-32``, ...) and the configs shipped in ``trainer/model_configs``:
 
-- ``recap-tiny``        CLIP: ViT 64 px / patch 8 / width 128 / 3 layers; text width 128 / 3 layers
+- ``recap-tiny``        CLIP: ViT 64 px / patch 8 / width 128 / 2 layers; text width 128 / 2 layers, context 77
 - ``recap-tiny-siglip`` the same towers with SigLIP's init (logit scale 10, logit bias -10)
 - ``recap-tiny-coca``   a tiny CoCa (attentional pooler, CLS text tower, 2-layer multimodal decoder)
 
