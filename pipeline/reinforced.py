@@ -544,16 +544,18 @@ def _split_name(name: str) -> tuple[str, str]:
 
 def iter_raw(url: str, stats: Counter | None = None, expected_n: int | None = None,
              count_shard_errors: bool = True) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """``(key, {ext: bytes})`` groups of one tar, streamed (webdataset grouping: consecutive
-    members with the same key). A missing shard, or a truncated/corrupt tar, ends the shard with
-    a counted ``missing_shard`` / ``truncated_shard`` (the group being read is dropped); fewer
-    groups than ``expected_n`` (sizes.json) counts ``short_shard``. Never raises for bad data."""
+    """``(key, {ext: bytes})`` groups of one tar (webdataset grouping: consecutive members with the
+    same key). A missing shard, or a truncated/corrupt tar, ends the shard with a counted
+    ``missing_shard`` / ``truncated_shard``, and the group being read is dropped. A tar cut at a
+    block boundary is caught too: a complete tar ends with a zero block, which the reader checks
+    (tarfile's own iteration stops there silently). Fewer groups than ``expected_n`` (sizes.json)
+    in an otherwise sound tar counts ``short_shard``. Never raises for bad data."""
     stats = stats if stats is not None else Counter()
     n = 0
     group: dict[str, bytes] = {}
     key = None
     try:
-        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+        with fsspec.open(url, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -567,11 +569,15 @@ def iter_raw(url: str, stats: Counter | None = None, expected_n: int | None = No
                     group = {}
                 key = k
                 group[ext] = data
+            tar.fileobj.seek(tar.offset)
+            end = tar.fileobj.read(tarfile.BLOCKSIZE)
+            if len(end) != tarfile.BLOCKSIZE or end.count(0) != tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("no end-of-archive block: cut short")
     except FileNotFoundError:
         if count_shard_errors:
             stats["missing_shard"] += 1
         return
-    except (tarfile.TarError, OSError, EOFError, zipfile.BadZipFile):
+    except (tarfile.TarError, OSError, EOFError, zipfile.BadZipFile, ValueError):
         if count_shard_errors:
             stats["truncated_shard"] += 1
         return
