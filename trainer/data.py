@@ -101,7 +101,7 @@ class ReinforcedDataset(IterableDataset):
         self.online_balance, self.use_teacher, self.hard_negatives = online_balance, use_teacher, hard_negatives
         self.resampled, self.expected_dim = resampled, expected_dim
         self.shuffle_buffer, self.shuffle_shards, self.samples_per_epoch = shuffle_buffer, shuffle_shards, samples_per_epoch
-        self.mean, self.std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+        self._mean, self._std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
         self.required = ("jpg", "txt", "json") if self.reinforced else ("jpg", "txt")
         self.stats: Counter = Counter()
 
@@ -156,7 +156,7 @@ class ReinforcedDataset(IterableDataset):
                 pos[0] += 1
                 if not keep(p):
                     continue
-            s = decode_sample(key, members, stats, self.required, self.config)
+            s = decode_sample(key, members, stats, self.required, self.config, decode_npz=self.use_teacher)
             if s is None:
                 continue
             if self.online_balance:
@@ -238,8 +238,10 @@ class ReinforcedDataset(IterableDataset):
         if self.image_transform is not None:
             image = self.image_transform(pil)
         else:
-            arr = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1)
-            image = (arr.float().div_(255.0) - self.mean) / self.std
+            # numpy, not torch: elementwise torch ops fan out to the intra-op thread pool, which costs
+            # ~100x on a loaded machine when iterating in the main process (num_workers=0)
+            arr = np.asarray(pil, dtype=np.float32) * np.float32(1 / 255.0)
+            image = torch.from_numpy(np.ascontiguousarray(((arr - self._mean) / self._std).transpose(2, 0, 1)))
 
         texts, sources = [txt], ["gt"]
         syn = s.get("syn") or {}
@@ -293,6 +295,15 @@ class ReinforcedDataset(IterableDataset):
 RAGGED = ("neg_text", "teacher_neg_text")
 
 
+def _stack(vals: list[torch.Tensor], cat: bool = False) -> torch.Tensor:
+    """torch.stack/cat through numpy: a plain copy, without the intra-op thread pool (which, in a
+    main process on a busy machine, made stacking a batch of images ~100x slower)."""
+    if all(v.device.type == "cpu" and not v.requires_grad for v in vals):
+        arrays = [v.numpy() for v in vals]
+        return torch.from_numpy(np.concatenate(arrays) if cat else np.stack(arrays))
+    return torch.cat(vals) if cat else torch.stack(vals)
+
+
 def collate(samples: list[dict]) -> dict:
     """Stack tensors (and ints) of equal shape; concatenate the ragged negatives along dim 0 with
     ``neg_index`` (the batch row each negative belongs to); keep everything else as lists."""
@@ -301,11 +312,11 @@ def collate(samples: list[dict]) -> dict:
         vals = [s[key] for s in samples]
         if key in RAGGED:
             if torch.is_tensor(vals[0]):
-                out[key] = torch.cat(vals)
+                out[key] = _stack(vals, cat=True)
             else:
                 out[key] = [x for v in vals for x in v]
         elif torch.is_tensor(vals[0]) and all(v.shape == vals[0].shape for v in vals):
-            out[key] = torch.stack(vals)
+            out[key] = _stack(vals)
         elif isinstance(vals[0], int) and not isinstance(vals[0], bool):
             out[key] = torch.tensor(vals, dtype=torch.long)
         else:
