@@ -244,3 +244,28 @@ def test_open_clip_tokenizer_and_drop_last(idx_ds):
     batches = _all(ds, batch_size=5, drop_last=True)
     assert len(batches) == 4 and all(b["text"].shape == (5, 77) and b["text"].dtype == torch.long for b in batches)
     assert read_config(url).dim == 16
+
+
+def test_fsspec_urls_and_short_shards():
+    url = "memory://recap-test-data/ds"
+    fx = make_fixture(url, 6, 2, dims=(4,), seed=0, image_size=S)
+    shards = list_shards(url)
+    assert shards == [f"memory:///recap-test-data/ds/shards/0000{k}.tar" for k in range(2)]
+    for source in (url, shards, url + "/shards/{00000..00001}.tar"):
+        ds = ReinforcedDataset(source, image_size=S, use_teacher=True, expected_dim=4)
+        assert ds.reinforced and sorted(_uids(_all(ds))) == sorted(fx["uids"]) and not ds.stats
+    # a sound tar holding fewer samples than sizes.json says: counted, the rest still read
+    g = read_tar(open_bytes(shards[0]))
+    import fsspec
+
+    with fsspec.open(shards[0], "wb") as f:
+        f.write(write_tar(list(g.items())[:-1]))
+    ds = ReinforcedDataset(url, image_size=S)
+    assert len(_uids(_all(ds))) == 5 and ds.stats == {"short_shard": 1}
+
+
+def open_bytes(url):
+    import fsspec
+
+    with fsspec.open(url, "rb") as f:
+        return f.read()
