@@ -138,9 +138,16 @@ class ReinforcedDataset(IterableDataset):
         worker, n_workers = self._slot()
         if self.resampled:
             g = rng.generator(self.seed, f"train/resample/{self.epoch}", f"{self.rank}/{worker}")
-            while True:
+            dry = 0  # consecutive draws that gave nothing: all shards bad would otherwise spin forever
+            while dry < max(16, 4 * len(self.shards)):
                 url = self.shards[int(g.integers(len(self.shards)))]
-                yield from self._decode(iter_raw(url, stats, self._expected(url)), stats, lambda p: True)
+                got = 0
+                for s in self._decode(iter_raw(url, stats, self._expected(url)), stats, lambda p: True):
+                    got += 1
+                    yield s
+                dry = 0 if got else dry + 1
+            stats["resampled_no_data"] += 1
+            return
         shards, keep, count_damage = self._plan(worker, n_workers)
         pos = [0]
         for url in shards:
