@@ -18,6 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field (YAML value)")
     p.add_argument("--output", help="run directory; overrides `output`")
     p.add_argument("--resume", help="'latest' or a checkpoint path")
+    p.add_argument("--stop-after", type=int, help="stop (with a checkpoint) after this step; resume later")
     p.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun)")
     p.add_argument("--ray", action="store_true", help="run on Ray Train (TorchTrainer) on the cluster at --address")
     p.add_argument("--address", help="Ray cluster address (with --ray)")
@@ -81,7 +82,7 @@ def train_cli(argv: list[str]) -> int:
     if args.nproc > 1 and "LOCAL_RANK" not in os.environ:
         return _torchrun(args, argv)
     try:
-        summary = train(cfg, resume=args.resume)
+        summary = train(cfg, resume=args.resume, stop_after=args.stop_after)
     except (NonFiniteLoss, ValueError, FileNotFoundError) as e:
         print(f"recap: training failed: {e}", file=sys.stderr)
         return EXIT_FAILED

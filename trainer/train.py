@@ -155,8 +155,9 @@ def _csv_header(fs, path) -> list[str] | None:
     return line.split(",") if line else None
 
 
-def train(cfg: TrainConfig, resume: str | None = None) -> dict:
-    """Train to ``cfg.steps`` optimizer steps; returns a summary (rank 0's view)."""
+def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = None) -> dict:
+    """Train to ``cfg.steps`` optimizer steps (or stop, with a checkpoint, after step
+    ``stop_after``: a time-sliced or preempted job); returns a summary (rank 0's view)."""
     from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from trainer.data import ReinforcedDataset, make_loader
     from trainer.losses import build_loss
@@ -199,12 +200,13 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
     dataset(epoch)  # bad data (no shards, wrong embedding dims) fails here, before step 1
     t0, seen = time.time(), 0
     summary: dict[str, Any] = {"rank": rank, "world_size": world}
-    while step < cfg.steps:
+    last = min(cfg.steps, stop_after) if stop_after else cfg.steps
+    while step < last:
         ds = dataset(epoch)
         it = iter(make_loader(ds, cfg.data.batch_size, cfg.data.workers))
         for _ in range(consumed):  # resume inside an epoch: the same stream, minus what was used
             next(it, None)
-        while step < cfg.steps:
+        while step < last:
             micro = [b for b in (next(it, None) for _ in range(cfg.optim.accum)) if b is not None]
             if not _all_true(len(micro) == cfg.optim.accum, device):
                 break  # some rank ran out: the epoch ends for all (no rank waits in a collective)
@@ -247,10 +249,10 @@ def train(cfg: TrainConfig, resume: str | None = None) -> dict:
                 now = time.time()
                 row = {"step": step, "epoch": epoch, "lr": lr, "samples_per_s": seen / max(now - t0, 1e-9),
                        "loss": sum(terms_sum.values()), **terms_sum,
-                       "logit_scale": float(model.logit_scale.exp())}
+                       "logit_scale": float(model.logit_scale.detach().exp())}
                 metrics.write(row)
                 summary.update(row)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+            if (cfg.save_every and step % cfg.save_every == 0) or step == last:
                 if rank == 0:
                     save_checkpoint(f"{cfg.output.rstrip('/')}/checkpoints/step_{step}.pt", model=model,
                                     optimizer=optimizer, scaler=scaler, step=step, epoch=epoch,
