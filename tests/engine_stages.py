@@ -116,4 +116,16 @@ class Boom(Stage):
         raise ValueError("kaboom")
 
 
-ALL = [FakeSource, Upper, Coin, FirstWordRare, Boom]
+class LangTag(Stage):
+    """Writes `lang` from a `xx:` caption prefix (English when there is none)."""
+    name = "langtag"
+    reads = ("caption",)
+    writes = ("lang",)
+
+    def process(self, batch):
+        caps = batch.column("caption").to_pylist()
+        return pa.table({"uid": batch.column("uid"),
+                         "lang": [c[:2] if len(c) > 2 and c[2] == ":" else "en" for c in caps]})
+
+
+ALL = [FakeSource, Upper, Coin, FirstWordRare, Boom, LangTag]

@@ -1,0 +1,230 @@
+"""MetaCLIP balancing (global): match texts against metadata entries, count each entry once per text
+over the whole dataset, and keep a text with probability P = 1 − ∏(1 − min(1, t / count[e])).
+
+partial → per-shard sparse entry counts (per language too) and a uid-seeded uniform sample of
+match sets; reduce → ``entry_counts.json`` (MetaCLIP's dict), t (given, or solved from
+``target_size`` on the sample), per-language t (MetaCLIP 2); apply → ``matched_entries`` and
+``balance_prob``, kept iff u < P with u drawn from (seed, "balance", uid).
+"""
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, model_validator
+
+from pipeline import rng
+from pipeline.stage import DETAIL, DROP, Stage, StageConfig
+
+
+class BalanceConfig(StageConfig):
+    metadata: str = Field(..., description="MetaCLIP metadata.json (a JSON list of entries; local path or fsspec URL)")
+    mode: Literal["metaclip1", "metaclip2"] = "metaclip1"
+    t: float | None = Field(None, gt=0, description="MetaCLIP's threshold (20k for 400M of 1.6B)")
+    target_size: int | None = Field(None, gt=0, description="solve t so that about this many samples are kept")
+    text_column: str = Field("caption", description="the text to match: alt-text by default, any column (a recaption)")
+    per_language: bool = Field(False, description="MetaCLIP 2: a threshold per language, from `language_column`")
+    language_column: str = "lang"
+    english: str = Field("en", description="the language whose tail share sets the other languages' thresholds")
+    drop: bool = Field(True, description="False keeps every matched sample with its balance_prob, for online balancing")
+    solve_sample: int = Field(200_000, ge=1, description="match sets (whole dataset) sampled to solve t from target_size")
+
+    @model_validator(mode="after")
+    def _one_threshold(self) -> BalanceConfig:
+        if (self.t is None) == (self.target_size is None):
+            raise ValueError("set exactly one of t and target_size")
+        return self
+
+
+def _flat(matches: pa.ListArray) -> np.ndarray:
+    return matches.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+
+
+def _sparse_counts(matches: pa.ListArray) -> dict[str, int]:
+    """Match sets are unique per text, so counting flattened ids counts each entry once per text."""
+    ids, n = np.unique(_flat(matches), return_counts=True)
+    return {str(int(i)): int(c) for i, c in zip(ids, n)}
+
+
+def _dense(sparse: dict[str, int], n: int) -> np.ndarray:
+    out = np.zeros(n, dtype=np.int64)
+    if sparse:
+        out[np.fromiter((int(k) for k in sparse), np.int64, len(sparse))] = np.fromiter(sparse.values(), np.int64, len(sparse))
+    return out
+
+
+class BalanceStage(Stage):
+    name = "balance"
+    Config = BalanceConfig
+    kind = "global"
+    writes = ("matched_entries", "balance_prob")
+    default_batch_size = 1 << 20  # a global stage sees whole shards
+
+    @property
+    def reads(self) -> tuple[str, ...]:  # type: ignore[override]
+        cfg: BalanceConfig = self.config
+        return (cfg.text_column, cfg.language_column) if cfg.per_language else (cfg.text_column,)
+
+    def setup(self) -> None:
+        from metadata import Matcher, load_entries
+
+        self.entries = load_entries(self.config.metadata)
+        self.matcher = Matcher(self.entries, mode=self.config.mode)
+        self._probs: dict[str, np.ndarray] = {}
+
+    def _matches(self, batch: pa.Table) -> pa.ListArray:
+        col = batch.column(self.config.text_column)
+        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+            col = pc.cast(col, pa.string())
+        return self.matcher.match_arrow(col)
+
+    def _langs(self, batch: pa.Table) -> np.ndarray:
+        cfg: BalanceConfig = self.config
+        if not cfg.per_language:
+            return np.full(batch.num_rows, cfg.english, dtype=object)
+        return np.asarray([v or "und" for v in batch.column(cfg.language_column).to_pylist()], dtype=object)
+
+    # -- global stage hooks ---------------------------------------------------------------------
+    def partial(self, batch: pa.Table) -> dict:
+        cfg: BalanceConfig = self.config
+        matches = self._matches(batch)
+        langs = self._langs(batch)
+        counts = {}
+        for lang in sorted(set(langs.tolist())):
+            rows = np.nonzero(langs == lang)[0]
+            counts[lang] = _sparse_counts(matches.take(pa.array(rows)))
+        # A uniform sample of the whole dataset (same rate in every shard, drawn by uid), big
+        # enough to solve t for a target size at any scale without shipping every match set.
+        rate = min(1.0, cfg.solve_sample / self.ctx.n_inputs) if self.ctx.n_inputs else 1.0
+        u = rng.uniform(self.ctx.seed, "balance.sample", batch.column("uid").to_pylist())
+        picked = np.nonzero(u < rate)[0]
+        return {"n": batch.num_rows, "counts": counts,
+                "sample": matches.take(pa.array(picked, pa.int64())).to_pylist()}
+
+    def reduce(self, partials: list[dict]) -> dict:
+        from metadata import language_threshold, solve_threshold
+
+        cfg: BalanceConfig = self.config
+        n_entries = len(self.entries)
+        total_n = sum(p["n"] for p in partials)
+        lang_counts: dict[str, np.ndarray] = {}
+        for p in partials:
+            for lang, sparse in p["counts"].items():
+                lang_counts[lang] = lang_counts.get(lang, np.zeros(n_entries, np.int64)) + _dense(sparse, n_entries)
+        counts = np.sum(list(lang_counts.values()), axis=0) if lang_counts else np.zeros(n_entries, np.int64)
+        t = cfg.t
+        if t is None:
+            sample = [ids for p in partials for ids in p["sample"]]
+            scale = len(sample) / total_n if total_n else 1.0
+            t = float(solve_threshold(sample, counts, cfg.target_size * scale))
+        t_lang = {}
+        if cfg.per_language:
+            english = lang_counts.get(cfg.english, np.zeros(n_entries, np.int64))
+            for lang, c in sorted(lang_counts.items()):
+                t_lang[lang] = float(t) if lang == cfg.english else float(language_threshold(english, c, t))
+        return {
+            "t": float(t),
+            "t_lang": t_lang,
+            "samples": total_n,
+            "n_entries": n_entries,
+            "counts": {lang: {str(i): int(c[i]) for i in np.nonzero(c)[0]} for lang, c in sorted(lang_counts.items())},
+            "names": {str(i): self.entries[i] for i in np.nonzero(counts)[0]},
+        }
+
+    def reduce_outputs(self, state: dict) -> dict[str, bytes]:
+        # MetaCLIP's entry_counts: {entry: count} over every entry (zeros too), in entry order;
+        # a duplicated entry has one key (its copies match the same texts, so the same count).
+        counts = np.sum([_dense(c, len(self.entries)) for c in state["counts"].values()], axis=0) \
+            if state["counts"] else np.zeros(len(self.entries), np.int64)
+        full = {e: int(c) for e, c in zip(self.entries, counts.tolist())}
+        return {"entry_counts.json": json.dumps(full, ensure_ascii=False).encode()}
+
+    def _entry_probs(self, state: dict, lang: str) -> np.ndarray:
+        from metadata import entry_probabilities
+
+        cfg: BalanceConfig = self.config
+        key = lang if cfg.per_language else "*"
+        if key not in self._probs:
+            n = len(self.entries)
+            if cfg.per_language:
+                counts, t = _dense(state["counts"].get(lang, {}), n), state["t_lang"].get(lang, state["t"])
+            else:
+                counts = np.sum([_dense(c, n) for c in state["counts"].values()], axis=0) if state["counts"] else np.zeros(n, np.int64)
+                t = state["t"]
+            self._probs[key] = entry_probabilities(counts, t)
+        return self._probs[key]
+
+    def apply(self, batch: pa.Table, state: dict) -> pa.Table:
+        from metadata import keep_probabilities
+
+        cfg: BalanceConfig = self.config
+        matches = self._matches(batch)
+        langs = self._langs(batch)
+        probs = np.zeros(batch.num_rows, dtype=np.float64)
+        for lang in sorted(set(langs.tolist())):
+            rows = np.nonzero(langs == lang)[0]
+            probs[rows] = keep_probabilities(matches.take(pa.array(rows)), self._entry_probs(state, lang))
+        has_match = pc.greater(pc.list_value_length(matches), 0).to_numpy(zero_copy_only=False)
+        u = rng.uniform(self.ctx.seed, "balance", batch.column("uid").to_pylist())
+        kept = has_match & ((u < probs) | (not cfg.drop))
+        drops = np.where(has_match, "balanced_out", "no_metadata_match").astype(object)
+        drops[kept] = None
+        details = [None if d != "balanced_out" else f"P={p:.4g} u={x:.4g}" for d, p, x in zip(drops, probs, u)]
+        return pa.table({"uid": batch.column("uid"), "matched_entries": matches.cast(pa.list_(pa.int32())),
+                         "balance_prob": pa.array(probs, pa.float64()),
+                         DROP: pa.array(drops.tolist(), pa.string()), DETAIL: pa.array(details, pa.string())})
+
+    # -- recap inspect --------------------------------------------------------------------------
+    @classmethod
+    def summarize(cls, dataset, n_shards: int) -> dict | None:
+        from pipeline.storage import Dataset
+
+        if not dataset.exists("stages/balance/state.json"):
+            return None
+        state = dataset.read_json("stages/balance/state.json")["state"]
+        n, t = int(state["n_entries"]), float(state["t"])
+        before = np.sum([_dense(c, n) for c in state["counts"].values()], axis=0) if state["counts"] else np.zeros(n, np.int64)
+        after = np.zeros(n, np.int64)
+        kept_matched = 0
+        for shard in range(n_shards):
+            rel = Dataset.sidecar_rel("balance", shard)
+            if dataset.exists(rel):
+                m = dataset.read_table(rel, columns=["matched_entries"]).column("matched_entries").combine_chunks()
+                after += np.bincount(_flat(m), minlength=n)[:n]
+                kept_matched += int(pc.sum(pc.greater(pc.list_value_length(m), 0)).as_py() or 0)
+        names = {int(i): e for i, e in state["names"].items()}
+        return entry_distribution_summary(before, after, t, names, kept_matched)
+
+
+def entry_distribution_summary(before: np.ndarray, after: np.ndarray, t: float, names: dict, kept_matched: int) -> dict:
+    """The head/tail effect: how matches spread over entries before and after balancing."""
+    def dist(c: np.ndarray) -> dict:
+        total = int(c.sum())
+        nz = c[c > 0]
+        edges = [1, 10, 100, 1_000, 10_000, 100_000, 1_000_000, np.inf]
+        hist = {f"{int(lo)}+" if hi == np.inf else f"{int(lo)}-{int(hi) - 1}": int(((nz >= lo) & (nz < hi)).sum())
+                for lo, hi in zip(edges[:-1], edges[1:]) if ((nz >= lo) & (nz < hi)).any()}
+        p = nz / total if total else nz
+        return {
+            "matches": total,
+            "entries_matched": int(len(nz)),
+            "max_count": int(nz.max()) if len(nz) else 0,
+            "head_share": round(float(c[c >= t].sum() / total), 4) if total else 0.0,
+            "tail_share": round(float(c[(c > 0) & (c < t)].sum() / total), 4) if total else 0.0,
+            # normalised entropy of the match distribution: 1 = perfectly flat over matched entries
+            "flatness": round(float(-(p * np.log(p)).sum() / np.log(len(nz))), 4) if len(nz) > 1 else 1.0,
+            "count_histogram": hist,
+        }
+
+    top = np.argsort(-before, kind="stable")[:10]
+    return {
+        "t": t,
+        "kept_matched_samples": kept_matched,
+        "before": dist(before),
+        "after": dist(after),
+        "top_entries": [{"entry": names.get(int(i)), "before": int(before[i]), "after": int(after[i])}
+                        for i in top if before[i] > 0],
+    }
