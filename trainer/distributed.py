@@ -15,6 +15,7 @@ then the rows themselves, padded to the largest rank.
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 import traceback
 from typing import Any, Callable, Sequence
@@ -154,7 +155,9 @@ def _spawn_entry(rank: int, world_size: int, fn: Callable, init: str, args: tupl
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size)
         try:
             result = fn(rank, world_size, *args)
-            queue.put((rank, True, result))
+            # plain pickle bytes: tensors travel by value (torch's queue would share them through
+            # file descriptors that die with this process)
+            queue.put((rank, True, pickle.dumps(result)))
             dist.barrier()
         finally:
             dist.destroy_process_group()
@@ -190,7 +193,7 @@ def run_spawned(fn: Callable, world_size: int, *args: Any, timeout: float = 120.
                                    f"(got ranks {sorted(results)})") from None
             if not ok:
                 raise RuntimeError(f"rank {rank} failed:\n{payload}")
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
         for p in procs:
             p.join(timeout)
     finally:

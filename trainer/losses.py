@@ -366,7 +366,10 @@ class CoCaLoss(ClipLoss):
         tokens = (labels != self.pad_id).sum()
         n_tokens = int(tokens) if self.world_size == 1 else sum(
             c[0] for c in self._counts([int(tokens)], logits.device))
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+        flat = logits.reshape(-1, logits.shape[-1])
+        if flat.dtype in (torch.float16, torch.bfloat16):  # the softmax over the vocabulary in fp32
+            flat = flat.float()
+        ce = F.cross_entropy(flat, labels.reshape(-1),
                              ignore_index=self.pad_id, reduction="sum")
         caption = self.caption_loss_weight * ce * self._scale(n_tokens)
         terms = {"contrastive_loss": clip, "caption_loss": caption}
