@@ -156,9 +156,42 @@ def naive_local_clip(img, txt, scale, rank, world):
     return (F.cross_entropy(scale * img @ all_txt.T, labels) + F.cross_entropy(scale * txt @ all_img.T, labels)) / 2
 
 
+class Towers(torch.nn.Module):
+    """Two linear towers and a learnable scale (and bias): what DDP wraps in the trainer."""
+
+    def __init__(self, bias: bool):
+        super().__init__()
+        self.img, self.txt = torch.nn.Linear(D, D), torch.nn.Linear(D, D)
+        self.log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+        self.bias = torch.nn.Parameter(torch.tensor(-5.0)) if bias else None
+
+    def forward(self, x, y):
+        return F.normalize(self.img(x), dim=-1), F.normalize(self.txt(y), dim=-1), self.log_scale.exp(), self.bias
+
+
+def compute_ddp(spec, rank, world):
+    """A real DDP step: parameter gradients after backward (DDP has averaged them over ranks)."""
+    g = torch.Generator().manual_seed(spec.get("seed", 0))
+    sizes = spec["sizes"] if world > 1 else [sum(spec["sizes"])]
+    negs = spec["negs"] if world > 1 else [sum(spec["negs"])]
+    x, y, z = (torch.randn(n, D, generator=g, dtype=torch.float64) for n in (sum(sizes), sum(sizes), sum(negs)))
+    torch.manual_seed(0)
+    model = Towers(bias=spec["loss"] == "siglip").double()
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    xs, ys, zs = _rows(x, sizes, rank), _rows(y, sizes, rank), _rows(z, negs, rank)
+    img, txt, scale, bias = net(xs, torch.cat([ys, zs]))  # negatives ride in the same text forward
+    txt, neg = txt[:len(ys)], txt[len(ys):]
+    loss_fn = losses.build_loss(spec["loss"], rank=rank, world_size=world)
+    extra = (bias,) if spec["loss"] == "siglip" else ()
+    out = loss_fn(img, txt, scale, *extra, output_dict=True, negative_text_features=neg if len(neg) else None)
+    sum(out.values()).backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
 def worker(rank, world, cases):
     """Runs in each spawned process (module-level so spawn can pickle it)."""
-    return {name: compute(spec, rank, world, naive=spec.get("naive", False)) for name, spec in cases.items()}
+    return {name: (compute_ddp(spec, rank, world) if spec.get("ddp") else
+                   compute(spec, rank, world, naive=spec.get("naive", False))) for name, spec in cases.items()}
 
 
 CASES_2 = {
@@ -177,6 +210,8 @@ CASES_2 = {
     "coca": {"loss": "coca", "sizes": [5, 5], "seed": 8},
     "short_tag": {"loss": "short_tag", "sizes": [5, 5], "seed": 9},
     "naive": {"loss": "clip", "sizes": [5, 5], "naive": True},
+    "ddp_clip": {"loss": "clip", "sizes": [5, 5], "negs": [2, 1], "ddp": True, "seed": 31},
+    "ddp_siglip": {"loss": "siglip", "sizes": [5, 5], "negs": [0, 3], "ddp": True, "seed": 32},
 }
 # 4 ranks: the ring's bidirectional hops and its last one-way hop; unequal local batches
 CASES_4 = {
@@ -216,7 +251,7 @@ def ranks4():
     return run_spawned(worker, 4, CASES_4, timeout=120)
 
 
-@pytest.mark.parametrize("name", [n for n in CASES_2 if n != "naive"])
+@pytest.mark.parametrize("name", [n for n in CASES_2 if n != "naive" and not CASES_2[n].get("ddp")])
 def test_grad_parity_2_ranks(ranks2, name):
     spec = CASES_2[name]
     single = compute(spec, 0, 1)
@@ -237,6 +272,16 @@ def test_grad_parity_4_ranks_unequal_batches(ranks4, name):
     spec = CASES_4[name]
     errs = parity(spec, [r[name] for r in ranks4], compute(spec, 0, 1))
     assert errs and max(errs.values()) <= 1e-5, errs
+
+
+@pytest.mark.parametrize("name", [n for n in CASES_2 if CASES_2[n].get("ddp")])
+def test_ddp_parameter_gradients_equal_single_process(ranks2, name):
+    """Inside a real DistributedDataParallel step (whose gradient all-reduces share the group with
+    the loss's own collectives) every parameter gets the single-process full-batch gradient."""
+    single = compute_ddp(CASES_2[name], 0, 1)
+    for r in ranks2:
+        for k, g in single.items():
+            assert rel(r[name][k], g) <= 1e-5, (k, rel(r[name][k], g))
 
 
 def test_naive_local_loss_without_gather_grad_fails_parity(ranks2):

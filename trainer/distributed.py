@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import time
 import traceback
 from typing import Any, Callable, Sequence
 
@@ -185,12 +186,18 @@ def run_spawned(fn: Callable, world_size: int, *args: Any, timeout: float = 120.
         p.start()
     results: dict[int, Any] = {}
     try:
-        for _ in procs:
+        deadline = time.monotonic() + timeout
+        while len(results) < world_size:
             try:
-                rank, ok, payload = q.get(timeout=timeout)
+                rank, ok, payload = q.get(timeout=0.5)
             except queue_mod.Empty:
-                raise RuntimeError(f"spawned workers did not answer within {timeout:.0f}s "
-                                   f"(got ranks {sorted(results)})") from None
+                dead = [(r, p.exitcode) for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+                if dead:  # died before reporting (crashed at import, killed)
+                    raise RuntimeError(f"spawned workers exited without a result: rank, exit code {dead}") from None
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"spawned workers did not answer within {timeout:.0f}s "
+                                       f"(got ranks {sorted(results)})") from None
+                continue
             if not ok:
                 raise RuntimeError(f"rank {rank} failed:\n{payload}")
             results[rank] = pickle.loads(payload)
