@@ -499,3 +499,26 @@ def test_build_loss_and_argument_checks():
         losses.ClipLoss()(img, txt[:5], torch.tensor(10.0))
     with pytest.raises(ValueError, match="exchange"):
         losses.SigLipLoss(exchange="allreduce")
+
+
+def test_half_precision_inputs_give_finite_close_values():
+    """bf16 features (autocast-style) give finite losses near the float64 ones; the distill KL is
+    taken in fp32 whatever the student's dtype."""
+    g = torch.Generator().manual_seed(41)
+    img, txt, neg = unit(16, gen=g), unit(16, gen=g), unit(4, gen=g)
+    t_img, t_txt = unit(16, 8, g), unit(16, 8, g)
+    s64 = torch.tensor(30.0, dtype=torch.float64)
+    calls = {
+        "clip": lambda fn, a, b, n, s: fn(a, b, s, negative_text_features=n),
+        "siglip": lambda fn, a, b, n, s: fn(a, b, s, torch.tensor(-5.0, dtype=s.dtype), negative_text_features=n),
+        "distill": lambda fn, a, b, n, s: fn(a, b, s, teacher_image_features=t_img.float(),
+                                            teacher_text_features=t_txt.float(), negative_text_features=n),
+    }
+    for name, call in calls.items():
+        fn = losses.build_loss(name, **({"lambda_distill": 0.5} if name == "distill" else {}))
+        want = call(fn, img, txt, neg, s64)
+        a, b, n = (x.to(torch.bfloat16).requires_grad_(True) for x in (img, txt, neg))
+        got = call(fn, a, b, n, s64.float())
+        got.backward()
+        assert torch.isfinite(got) and all(torch.isfinite(x.grad).all() for x in (a, b, n)), name
+        assert abs(got.item() - want.item()) <= 0.05 * abs(want.item()) + 1e-2, (name, got.item(), want.item())

@@ -36,6 +36,7 @@ Losses:
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Sequence
 
@@ -307,7 +308,10 @@ class DistillClipLoss(ClipLoss):
         dims = [t.shape[1] for t in t_img]
         local_parts = [torch.cat(t_img, 1), torch.cat(t_txt, 1)]
         local_parts.append(torch.cat(t_neg, 1) if t_neg else local_parts[1].new_zeros((0, sum(dims))))
-        local_parts = [p.to(lpi.dtype) for p in local_parts]
+        # the KL in at least fp32: teacher logits at scale 100 need more than bf16's 8 mantissa bits
+        dtype = torch.promote_types(lpi.dtype, torch.float32)
+        lpi, lpt = lpi.to(dtype), lpt.to(dtype)
+        local_parts = [p.to(dtype) for p in local_parts]
         if self.world_size == 1:
             all_img, all_txt, all_neg = local_parts
         else:
@@ -316,8 +320,8 @@ class DistillClipLoss(ClipLoss):
         scales = self._scales(len(dims))
         log_ps_i, log_ps_t = F.log_softmax(lpi, dim=1), F.log_softmax(lpt, dim=1)
         teach_i, teach_t = [], []
-        for k, (lo, hi) in enumerate(zip([0, *torch.tensor(dims).cumsum(0).tolist()[:-1]],
-                                         torch.tensor(dims).cumsum(0).tolist())):
+        ends = list(itertools.accumulate(dims))
+        for k, (lo, hi) in enumerate(zip([0, *ends[:-1]], ends)):
             img_k, txt_k = local_parts[0][:, lo:hi], local_parts[1][:, lo:hi]
             cols = all_txt[:, lo:hi]
             if use_neg:
