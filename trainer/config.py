@@ -34,6 +34,7 @@ class LossConfig(_Strict):
     kind: Literal["clip", "siglip", "distill", "coca"] = "clip"
     lambda_distill: float = Field(1.0, ge=0, le=1, description="distill: weight of the KL term (MobileCLIP's λ)")
     teacher_logit_scale: float = Field(100.0, gt=0)
+    teacher_dims: list[int] | None = Field(None, description="distill: the teachers' embedding dims expected in the shards")
     hard_negatives: bool = Field(False, description="append neg_text_short embeddings as extra text columns (NegCLIP)")
     caption_loss_weight: float = 2.0
     clip_loss_weight: float = 1.0

@@ -161,7 +161,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
     from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from trainer.data import ReinforcedDataset, make_loader
     from trainer.losses import build_loss
-    from trainer.models import create_model, embed_dim
+    from trainer.models import create_model
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -186,9 +186,9 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
             log.info("resumed from %s at step %d (epoch %d, %d batches in)", ckpt, step, epoch, consumed)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
-    loss_fn = build_loss(cfg.loss.kind, rank=rank, world_size=world, **_loss_options(cfg))
     metrics = MetricsLog(cfg.output, rank == 0, cfg.tensorboard)
-    dim = embed_dim(model) if cfg.loss.kind == "distill" else None
+    # the teachers' dims this run was configured for: shards made with other teachers fail before step 1
+    dim = sum(cfg.loss.teacher_dims) if cfg.loss.kind == "distill" and cfg.loss.teacher_dims else None
 
     def dataset(ep: int) -> ReinforcedDataset:
         return ReinforcedDataset(cfg.data.path, epoch=ep, seed=cfg.seed, rank=rank, world_size=world,
@@ -197,7 +197,14 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
                                  use_teacher=cfg.loss.kind == "distill", hard_negatives=cfg.loss.hard_negatives,
                                  resampled=cfg.data.resampled, expected_dim=dim)
 
-    dataset(epoch)  # bad data (no shards, wrong embedding dims) fails here, before step 1
+    first = dataset(epoch)  # bad data (no shards, wrong embedding dims) fails here, before step 1
+    opts = _loss_options(cfg)
+    if cfg.loss.kind == "distill" and first.config is not None:
+        found = [t.dim for t in first.config.teachers]
+        if cfg.loss.teacher_dims and list(cfg.loss.teacher_dims) != found:
+            raise ValueError(f"{cfg.data.path}: teachers are {found}-d, loss.teacher_dims says {cfg.loss.teacher_dims}")
+        opts["teacher_dims"] = found  # one KL per teacher, averaged
+    loss_fn = build_loss(cfg.loss.kind, rank=rank, world_size=world, **opts)
     t0, seen = time.time(), 0
     summary: dict[str, Any] = {"rank": rank, "world_size": world}
     last = min(cfg.steps, stop_after) if stop_after else cfg.steps
