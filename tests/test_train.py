@@ -160,3 +160,23 @@ def test_teacher_dims_that_do_not_match_fail_before_step_one(tmp_path):
                        text=True, timeout=300)
     assert r.returncode == 1 and "24-d" in r.stderr and "32" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "run/checkpoints").exists()
+
+
+def test_coca_trains_its_captioner(tmp_path, worlds):
+    """The demo trains its own captioner: CoCa's caption + contrastive losses through the same loop."""
+    data, _ = worlds
+    f = _cfg(tmp_path, data, steps=2, **{"data.batch_size": 8, "model.name": "recap-tiny-coca", "loss.kind": "coca"})
+    summary = train(load_train_config(f))
+    assert summary["step"] == 2 and summary["caption_loss"] > 0 and summary["contrastive_loss"] > 0
+    from trainer.models import create_model
+
+    model, *_ = create_model("recap-tiny-coca", pretrained=str(tmp_path / "run/checkpoints/step_2.pt"))
+    assert hasattr(model, "text_decoder")
+
+
+def test_coca_loss_with_a_clip_model_is_a_config_error(tmp_path, worlds):
+    data, _ = worlds
+    f = _cfg(tmp_path, data, **{"loss.kind": "coca"})
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(f)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "coca" in r.stderr
