@@ -1,0 +1,113 @@
+"""MetaCLIP's balancing math as plain functions (facebookresearch/MetaCLIP ``metaclip/balancing.py``,
+``metaclip/curation/curate.py``: ``count_to_prob``, ``t_to_p``, ``p_to_t``).
+
+count[e] = texts whose match set contains e; p[e] = min(1, t / count[e]) (1 for unmatched
+entries, as upstream's ``count_to_prob``); a text with match set M is kept with probability
+P = 1 − ∏_{e∈M}(1 − p[e]), and 0 when M is empty.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+
+
+def _flat(matches) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of a list<int> column or a list of lists."""
+    if isinstance(matches, pa.ChunkedArray):
+        matches = matches.combine_chunks()
+    if isinstance(matches, (pa.ListArray, pa.LargeListArray)):
+        offsets = matches.offsets.to_numpy().astype(np.int64)
+        values = matches.values.to_numpy(zero_copy_only=False).astype(np.int64)
+        values = values[offsets[0]:offsets[-1]]
+        return values, offsets - offsets[0]
+    lengths = np.fromiter((len(m) for m in matches), np.int64, len(matches))
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    values = np.fromiter((i for m in matches for i in m), np.int64, int(offsets[-1]))
+    return values, offsets
+
+
+def count_entries(matches, n_entries: int) -> np.ndarray:
+    """Per-entry text counts (each entry once per text, even if a match set repeats it)."""
+    values, offsets = _flat(matches)
+    if len(values) == 0:
+        return np.zeros(n_entries, np.int64)
+    row = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    pairs = np.unique(row * np.int64(n_entries) + values)  # once per (text, entry)
+    return np.bincount(pairs % n_entries, minlength=n_entries).astype(np.int64)
+
+
+def entry_probabilities(counts: np.ndarray, t: float) -> np.ndarray:
+    c = np.asarray(counts, dtype=np.float64)
+    return t / np.maximum(c, t)  # = min(1, t / count); 1 where count < t (0 included)
+
+
+def keep_probability(matched_ids: Sequence[int], probs: np.ndarray) -> float:
+    ids = sorted(set(int(i) for i in matched_ids))
+    if not ids:
+        return 0.0
+    return float(1.0 - np.prod(1.0 - np.asarray(probs, np.float64)[ids]))
+
+
+def keep_probabilities(matches, probs: np.ndarray) -> np.ndarray:
+    """keep_probability for many texts at once (match sets are taken as given: unique ids)."""
+    values, offsets = _flat(matches)
+    n = len(offsets) - 1
+    out = np.zeros(n, np.float64)
+    if len(values) == 0:
+        return out
+    miss = 1.0 - np.asarray(probs, np.float64)[values]
+    # ∏(1 − p) per text as a segmented product; log1p(-p) would lose exactness at p = 1
+    row = np.repeat(np.arange(n), np.diff(offsets))
+    prod = np.ones(n, np.float64)
+    np.multiply.at(prod, row, miss)
+    has = np.diff(offsets) > 0
+    out[has] = 1.0 - prod[has]
+    return out
+
+
+def tail_share(counts: np.ndarray, t: float) -> float:
+    """Upstream's ``t_to_p``: the share of all matches that fall on entries with count < t."""
+    c = np.asarray(counts, dtype=np.float64)
+    total = c.sum()
+    return float(c[c < t].sum() / total) if total else 0.0
+
+
+def threshold_for_share(counts: np.ndarray, p: float) -> float:
+    """Upstream's ``p_to_t``: over all entries' counts sorted ascending (zeros included), the count
+    at which the cumulative match share is closest to p (the first such on ties)."""
+    c = np.sort(np.asarray(counts, dtype=np.float64))
+    total = c.sum()
+    if not total:
+        return 0.0
+    share = np.cumsum(c) / total
+    return float(c[int(np.abs(share - p).argmin())])
+
+
+def language_threshold(english_counts: np.ndarray, language_counts: np.ndarray, t: float) -> int:
+    """MetaCLIP 2: t for a language so that its tail holds the share English's tail holds at t."""
+    return int(threshold_for_share(language_counts, tail_share(english_counts, t)))
+
+
+def expected_kept(matches, counts: np.ndarray, t: float) -> float:
+    return float(keep_probabilities(matches, entry_probabilities(counts, t)).sum())
+
+
+def solve_threshold(matches_sample, counts: np.ndarray, target: float, iters: int = 60) -> float:
+    """t such that the expected number of sample texts kept is ``target`` (bisection: the expected
+    count grows with t). ``counts`` are the full dataset's; ``target`` is scaled to the sample."""
+    counts = np.asarray(counts)
+    hi = float(max(counts.max(initial=0), 1))
+    matched = sum(1 for m in (matches_sample if not isinstance(matches_sample, pa.Array)
+                              else matches_sample.to_pylist()) if len(m))
+    if target >= matched:
+        return hi
+    lo = 0.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if expected_kept(matches_sample, counts, mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return hi
