@@ -1,0 +1,170 @@
+"""The matcher and the balancing math against MetaCLIP's definitions, written naively here."""
+import json
+import math
+import pickle
+import random
+import string
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from metadata import (Matcher, MetadataError, count_entries, entry_probabilities, keep_probabilities, keep_probability,
+                      language_threshold, load_entries, solve_threshold)
+
+
+def naive_norm(text):
+    text = f" {text} "
+    for c in [",", ".", ";", ":", "?", "!", "`"]:
+        text = text.replace(c, f" {c} ")
+    for c in ["\t", "\n", "\r"]:
+        text = text.replace(c, " ")
+    return text
+
+
+def cjkish(ch):
+    cp = ord(ch)
+    ranges = [(0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+              (0x2B820, 0x2CEAF), (0x2CEB0, 0x2EBEF), (0xF900, 0xFAFF), (0x2E80, 0x2EFF), (0x2F00, 0x2FDF),
+              (0x2FF0, 0x2FFF), (0x0E00, 0x0E7F), (0x0E80, 0x0EFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x0F00, 0x0FFF)]
+    return any(a <= cp <= b for a, b in ranges) or ch in string.punctuation or ch in "，。、；：？！“”‘’（）【】《》〈〉「」『』～—"
+
+
+def naive_match(entries, text, mode="metaclip1"):
+    t = naive_norm(text)
+    out = []
+    for i, e in enumerate(entries):
+        if not e:
+            continue
+        if mode == "metaclip1":
+            key = f" {e} "
+        else:
+            key = ("" if cjkish(e[0]) else " ") + e + ("" if cjkish(e[-1]) else " ")
+        if key in t:
+            out.append(i)
+    return out
+
+
+ENTRIES = ["hot dog", "dog", "U.S.", "St. Louis", "!", "Dog", "猫", "可爱", "ไทย", "(c)", "e-mail", "dog", "", "a b", "?x"]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("a hot dog stand", ["hot dog", "dog"]),
+    ("made in the U.S. today", []),  # padding breaks entries with marks...
+    ("wow!", ["!"]),  # ...but a bare mark matches
+    ("Dog\tdog\nhot  dog", ["dog", "Dog"]),  # case-sensitive; double space is not collapsed
+    ("St. Louis", []),
+    ("", []),
+    ("!!!,,,", ["!"]),
+    ("a b", ["a b"]),
+])
+def test_metaclip1_cases(text, expected):
+    m = Matcher(ENTRIES)
+    got = [ENTRIES[i] for i in m.match_one(text)]
+    assert sorted(set(got)) == sorted(set(expected))
+    assert m.match_one(text) == naive_match(ENTRIES, text)
+
+
+def test_duplicated_and_empty_entries():
+    m = Matcher(ENTRIES)
+    ids = m.match_one("my dog")
+    assert 1 in ids and 11 in ids and 12 not in ids  # both copies of "dog"; "" never matches
+
+
+def test_metaclip2_cjk_and_thai_without_spaces():
+    m = Matcher(ENTRIES, mode="metaclip2")
+    assert [ENTRIES[i] for i in m.match_one("我的猫很可爱")] == ["猫", "可爱"]
+    assert "ไทย" in [ENTRIES[i] for i in m.match_one("ภาษาไทยดี")]
+    assert m.match_one("(c)2020") == naive_match(ENTRIES, "(c)2020", "metaclip2")
+    assert Matcher(ENTRIES).match_one("我的猫很可爱") == []  # metaclip1 needs spaces
+
+
+def test_bad_texts_never_crash():
+    m = Matcher(ENTRIES)
+    texts = [None, b"hot dog \xff\xfe", "x" * (1 << 20) + " dog", "".join(string.punctuation), "\x00dog\x00"]
+    got = m.match(texts)
+    assert got[0] == [] and got[1] == [0, 1, 11] and got[2] == [1, 11] and got[3] == naive_match(ENTRIES, string.punctuation)
+    arr = m.match_arrow(pa.array([None, "hot dog", None]))
+    assert arr.type == pa.list_(pa.int32()) and arr.to_pylist() == [[], [0, 1, 11], []]
+    assert m.match_arrow(pa.array([b"dog", None], pa.binary())).to_pylist() == [[1, 11], []]
+    assert Matcher([]).match(["anything"]) == [[]] and Matcher(["", ""]).match_one("x") == []
+
+
+def _random_corpus(seed):
+    r = random.Random(seed)
+    words = ["".join(r.choice("abcdeAB") for _ in range(r.randint(1, 3))) for _ in range(60)]
+    words += ["猫", "狗", "ไทย", "é", "e\u0301", "U.S.", "a.b", "x:y", "!", "?", "`", "(a)", "—"]
+    entries = [r.choice(words) if r.random() < 0.7 else f"{r.choice(words)} {r.choice(words)}" for _ in range(400)]
+    entries += ["", " ", "a  b", "\ta"]
+    seps = [" ", " ", " ", "  ", ",", ", ", ".", "!", "\t", "\n", "\r", "", "`", ";", ":", "?", "\u00a0", "。"]
+    texts = ["".join(r.choice(words) + r.choice(seps) for _ in range(r.randint(0, 12))) for _ in range(1500)]
+    return entries, texts
+
+
+@pytest.mark.parametrize("mode", ["metaclip1", "metaclip2"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matcher_equals_the_naive_definition(mode, seed):
+    entries, texts = _random_corpus(seed)
+    m = Matcher(entries, mode=mode)
+    want = [naive_match(entries, t, mode) for t in texts]
+    assert m.match(texts) == want
+    assert m.match_arrow(pa.array(texts)).to_pylist() == want
+    assert sum(map(len, want)) > len(texts)  # the corpus really exercises matching
+    again = pickle.loads(pickle.dumps(m))
+    assert again.match(texts[:50]) == want[:50]
+
+
+def test_balancing_math_against_formulas():
+    r = np.random.default_rng(0)
+    n = 30
+    matches = [sorted(set(r.integers(0, n, r.integers(0, 5)).tolist())) for _ in range(500)]
+    counts = count_entries(matches, n)
+    assert counts.tolist() == [sum(i in m for m in matches) for i in range(n)]
+    assert count_entries([[1, 1, 2]], 4).tolist() == [0, 1, 1, 0]  # once per text
+    p = entry_probabilities(counts, 20)
+    assert p.tolist() == [1.0 if c < 20 else 20 / c for c in counts]
+    probs = keep_probabilities(pa.array(matches, pa.list_(pa.int32())), p)
+    for m, got in zip(matches, probs):
+        want = 1 - math.prod(1 - p[i] for i in m) if m else 0.0
+        assert got == pytest.approx(want, abs=1e-12) and keep_probability(m, p) == pytest.approx(want, abs=1e-12)
+    assert keep_probabilities(matches, p).tolist() == pytest.approx(probs.tolist())
+
+
+def test_language_threshold_is_upstreams_p_to_t():
+    en = np.array([0, 1, 5, 10, 50, 100, 1000])
+    t = 60
+    p_tail = en[en < t].sum() / en.sum()  # upstream t_to_p
+    de = np.array([3, 0, 7, 2, 40, 9, 1])
+    c = np.sort(de)
+    share = np.cumsum(c) / c.sum()
+    assert language_threshold(en, de, t) == c[np.abs(share - p_tail).argmin()]
+
+
+def test_solve_threshold_hits_the_target():
+    r = np.random.default_rng(1)
+    n = 50
+    w = 1 / np.arange(1, n + 1) ** 1.2
+    matches = [sorted(set(r.choice(n, r.integers(1, 4), p=w / w.sum()).tolist())) for _ in range(3000)]
+    counts = count_entries(matches, n)
+    t = solve_threshold(matches, counts, 1200)
+    kept = keep_probabilities(matches, entry_probabilities(counts, t)).sum()
+    assert kept == pytest.approx(1200, rel=1e-3)
+    assert solve_threshold(matches, counts, 10_000) == counts.max()
+
+
+def test_load_entries_errors_name_file_and_item(tmp_path):
+    good = tmp_path / "m.json"
+    good.write_text(json.dumps(["a", "b c", ""]))
+    assert load_entries(str(good)) == ["a", "b c", ""]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(["a", 3, "c"]))
+    with pytest.raises(MetadataError, match=r"bad\.json: item 1 is not a string \(got 3\)"):
+        load_entries(str(bad))
+    obj = tmp_path / "obj.json"
+    obj.write_text(json.dumps({"a": 1}))
+    with pytest.raises(MetadataError, match="obj.json: expected a JSON list"):
+        load_entries(str(obj))
+    broken = tmp_path / "broken.json"
+    broken.write_text('["a", ')
+    with pytest.raises(MetadataError, match="broken.json: not JSON"):
+        load_entries(str(broken))
