@@ -1,0 +1,218 @@
+"""``recap metadata build``: MetaCLIP metadata from sources a user combines, in MetaCLIP's format.
+
+Like upstream's ``build_metadata.py`` (facebookresearch/MetaCLIP): the numbers 0–99, WordNet
+synset names, frequent unigrams (upstream: Wikipedia unigrams with count ≥ 100; here `wordfreq`'s
+English list above a Zipf floor, offline), bigrams with high PMI (upstream: Wikipedia; here any
+corpus the user points at, the job's own captions by default) and titles (upstream: Wikipedia page
+titles by views; here a user file). Empty entries and single punctuation marks are left out, as
+upstream does. Unlike upstream (a Python set), the order is deterministic: sources in the order
+above, each sorted, first occurrence wins.
+
+Outputs ``metadata.json`` (a flat JSON list of strings; index = entry id) and, beside it,
+``metadata.sources.json`` ({entry: [sources]}).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import string
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import fsspec
+
+from metadata.matching import normalize
+
+DEFAULT_WORDNET = "/usr/share/wordnet"  # Debian's wordnet-base (WordNet 3.0)
+_FORBIDDEN = set(string.punctuation)
+_ADJ_MARKER = re.compile(r"\((a|p|ip)\)$")
+
+
+def wordnet_synsets(directory: str = DEFAULT_WORDNET) -> list[str]:
+    """Synset names as NLTK's ``ss.name()`` gives them (the synset's first lemma), underscores as
+    spaces, read from WordNet's ``data.{noun,verb,adj,adv}`` files."""
+    d = Path(directory)
+    files = [d / f"data.{pos}" for pos in ("noun", "verb", "adj", "adv")]
+    if not any(f.exists() for f in files):
+        raise FileNotFoundError(f"{directory}: no WordNet data.* files; `apt-get install wordnet-base` "
+                                "(Debian/Ubuntu) or pass --wordnet DIR")
+    names = []
+    for f in files:
+        if not f.exists():
+            continue
+        with open(f, encoding="utf-8", errors="replace") as fh:
+            for n, line in enumerate(fh, 1):
+                if line.startswith("  ") or not line.strip():
+                    continue  # the licence header
+                parts = line.split(" ", 5)
+                if len(parts) < 5:
+                    raise ValueError(f"{f}:{n}: not a WordNet data line")
+                names.append(_ADJ_MARKER.sub("", parts[4]).replace("_", " "))
+    return names
+
+
+def frequent_unigrams(min_zipf: float = 3.0, lang: str = "en") -> list[str]:
+    import wordfreq
+
+    out = []
+    for w in wordfreq.iter_wordlist(lang, "best"):
+        if wordfreq.zipf_frequency(w, lang) < min_zipf:
+            break  # the list is sorted by frequency
+        out.append(w)
+    return out
+
+
+_TOKEN = re.compile(r"[^\W_]+(?:[-'][^\W_]+)*", re.UNICODE)
+
+
+def read_texts(path: str, column: str = "caption") -> Iterator[str]:
+    """Texts from parquet/csv/tsv/jsonl/json (``column``) or txt (one per line); a directory or glob
+    of parquet files (e.g. a dataset's ``input/``) works too."""
+    fs, root = fsspec.core.url_to_fs(path)
+    paths = sorted(fs.glob(root)) if any(c in root for c in "*?[") else (
+        sorted(p for p in fs.find(root) if p.endswith(".parquet")) if fs.isdir(root) else [root])
+    if not paths:
+        raise FileNotFoundError(f"{path}: no text files")
+    for p in paths:
+        ext = p.rsplit(".", 1)[-1].lower()
+        with fs.open(p, "rb") as f:
+            if ext == "parquet":
+                import pyarrow.parquet as pq
+
+                schema = pq.read_schema(f)
+                if column not in schema.names:
+                    raise ValueError(f"{p}: no column {column!r} (has {', '.join(schema.names)})")
+                f.seek(0)
+                yield from (t for t in pq.read_table(f, columns=[column]).column(column).to_pylist() if t)
+            elif ext in ("csv", "tsv"):
+                import csv
+                import io
+
+                reader = csv.DictReader(io.TextIOWrapper(f, "utf-8", errors="replace"), delimiter="\t" if ext == "tsv" else ",")
+                if column not in (reader.fieldnames or []):
+                    raise ValueError(f"{p}: no column {column!r}")
+                yield from (row[column] for row in reader if row.get(column))
+            elif ext == "jsonl":
+                for line in f:
+                    if line.strip():
+                        v = json.loads(line).get(column)
+                        if v:
+                            yield v
+            elif ext == "json":
+                yield from (r.get(column) for r in json.load(f) if isinstance(r, dict) and r.get(column))
+            else:
+                yield from (line.decode("utf-8", "replace").strip() for line in f if line.strip())
+
+
+def pmi_bigrams(texts: Iterable[str], min_count: int = 5, min_pmi: float = 3.0, max_bigrams: int | None = None) -> list[str]:
+    """Adjacent word pairs by pointwise mutual information, log p(ab) / (p(a) p(b)), over a corpus."""
+    uni: Counter = Counter()
+    bi: Counter = Counter()
+    for text in texts:
+        words = _TOKEN.findall(text)
+        uni.update(words)
+        bi.update(zip(words, words[1:]))
+    n_uni, n_bi = sum(uni.values()), sum(bi.values())
+    if not n_bi:
+        return []
+    scored = []
+    for (a, b), c in bi.items():
+        if c >= min_count:
+            pmi = math.log((c / n_bi) / ((uni[a] / n_uni) * (uni[b] / n_uni)))
+            if pmi >= min_pmi:
+                scored.append((-pmi, f"{a} {b}"))
+    scored.sort()
+    return [e for _, e in scored[:max_bigrams]]
+
+
+def read_titles(path: str) -> list[str]:
+    with fsspec.open(path, "r", encoding="utf-8", errors="replace") as f:
+        return [line.strip().replace("_", " ") for line in f if line.strip()]
+
+
+def combine(sources: list[tuple[str, list[str]]]) -> tuple[list[str], dict[str, list[str]]]:
+    entries: list[str] = []
+    where: dict[str, list[str]] = {}
+    for name, items in sources:
+        for e in sorted(set(items)):
+            if not e or e in _FORBIDDEN:
+                continue
+            if e not in where:
+                where[e] = []
+                entries.append(e)
+            if name not in where[e]:
+                where[e].append(name)
+    return entries, where
+
+
+def lint(entries: list[str]) -> dict[str, list[str]]:
+    """Entries that will (mostly) never match: their own marks or whitespace get padded in texts."""
+    padded = [e for e in entries if normalize(e) != f" {e} "]
+    spaced = [e for e in entries if e != e.strip() or "  " in e]
+    return {k: v for k, v in {"padding punctuation or tab/newline": padded, "leading/trailing or double spaces": spaced}.items() if v}
+
+
+def build(*, wordnet: str | None = None, unigrams: bool = False, min_zipf: float = 3.0, bigrams_from: str | None = None,
+          text_col: str = "caption", min_count: int = 5, min_pmi: float = 3.0, max_bigrams: int | None = None,
+          titles: str | None = None, numbers: bool = True, max_entries: int | None = None) -> tuple[list[str], dict]:
+    sources: list[tuple[str, list[str]]] = []
+    if numbers:
+        sources.append(("numbers", [str(i) for i in range(100)]))
+    if wordnet is not None:
+        sources.append(("wordnet", wordnet_synsets(wordnet)))
+    if unigrams:
+        sources.append(("unigrams", frequent_unigrams(min_zipf)))
+    if bigrams_from:
+        sources.append(("bigrams", pmi_bigrams(read_texts(bigrams_from, text_col), min_count, min_pmi, max_bigrams)))
+    if titles:
+        sources.append(("titles", read_titles(titles)))
+    entries, where = combine(sources)
+    if max_entries:
+        entries = entries[:max_entries]
+        where = {e: where[e] for e in entries}
+    return entries, where
+
+
+def metadata_cli(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="recap metadata", description="MetaCLIP metadata tools")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build metadata.json from WordNet, unigrams, PMI bigrams and titles")
+    b.add_argument("--out", required=True, help="metadata.json to write (metadata.sources.json goes beside it)")
+    b.add_argument("--wordnet", nargs="?", const=DEFAULT_WORDNET, help=f"WordNet 3.0 dict dir (default {DEFAULT_WORDNET})")
+    b.add_argument("--unigrams", action="store_true", help="frequent English words (wordfreq)")
+    b.add_argument("--min-zipf", type=float, default=3.0, help="unigram frequency floor (Zipf scale; 3 = once per million words)")
+    b.add_argument("--bigrams-from", metavar="PATH", help="corpus for PMI bigrams: parquet/csv/tsv/jsonl/json/txt, a dir or glob")
+    b.add_argument("--text-col", default="caption")
+    b.add_argument("--min-count", type=int, default=5)
+    b.add_argument("--min-pmi", type=float, default=3.0)
+    b.add_argument("--max-bigrams", type=int)
+    b.add_argument("--titles", metavar="PATH", help="titles, one per line")
+    b.add_argument("--no-numbers", action="store_true", help="leave out the numbers 0-99 upstream starts with")
+    b.add_argument("--max-entries", type=int)
+    args = p.parse_args(argv)
+    if not (args.wordnet or args.unigrams or args.bigrams_from or args.titles):
+        p.error("name at least one source: --wordnet, --unigrams, --bigrams-from, --titles")
+    try:
+        entries, where = build(wordnet=args.wordnet, unigrams=args.unigrams, min_zipf=args.min_zipf,
+                               bigrams_from=args.bigrams_from, text_col=args.text_col, min_count=args.min_count,
+                               min_pmi=args.min_pmi, max_bigrams=args.max_bigrams, titles=args.titles,
+                               numbers=not args.no_numbers, max_entries=args.max_entries)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"recap metadata: {e}", file=sys.stderr)
+        return 1
+    for what, items in lint(entries).items():
+        print(f"warning: {len(items)} entries contain {what} and will mostly never match "
+              f"(kept, as upstream): {', '.join(repr(x) for x in items[:5])}", file=sys.stderr)
+    out = args.out
+    with fsspec.open(out, "w", encoding="utf-8") as f:
+        json.dump(entries, f, ensure_ascii=False)
+    side = out[:-5] + ".sources.json" if out.endswith(".json") else out + ".sources.json"
+    with fsspec.open(side, "w", encoding="utf-8") as f:
+        json.dump(where, f, ensure_ascii=False)
+    counts = Counter(s for v in where.values() for s in v)
+    print(f"wrote {len(entries)} entries to {out} ({', '.join(f'{k}: {v}' for k, v in counts.items())}); sources in {side}")
+    return 0

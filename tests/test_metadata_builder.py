@@ -1,0 +1,76 @@
+"""`recap metadata build`: sources combined into MetaCLIP's flat list, with provenance and warnings."""
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from metadata.builder import metadata_cli, pmi_bigrams, wordnet_synsets
+
+LICENCE = "  1 This software and database is being provided to you, the LICENSEE, by  \n"
+NOUN = LICENCE + (
+    "00001740 03 n 01 entity 0 003 ~ 00001930 n 0000 | that which is perceived  \n"
+    "02084071 05 n 05 dog 0 domestic_dog 0 Canis_familiaris 0 007 @ 02083346 n 0000 | a member of the genus Canis  \n"
+    "07697537 13 n 02 hotdog 0 hot_dog 0 003 @ 07697100 n 0000 | a frankfurter served hot  \n")
+ADJ = LICENCE + "00001740 00 a 01 able 0 005 = 05207437 n 0000 | (usually followed by `to')  \n" \
+                "01846413 00 s 01 galore(ip) 0 001 & 01846413 a 0000 | in great numbers  \n"
+
+
+@pytest.fixture
+def wordnet_dir(tmp_path):
+    d = tmp_path / "wn"
+    d.mkdir()
+    (d / "data.noun").write_text(NOUN)
+    (d / "data.adj").write_text(ADJ)
+    return d
+
+
+def test_wordnet_synset_names(wordnet_dir):
+    assert wordnet_synsets(str(wordnet_dir)) == ["entity", "dog", "hotdog", "able", "galore"]
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/share/wordnet/data.noun"), reason="Debian's wordnet-base is not installed")
+def test_real_wordnet_files():
+    names = wordnet_synsets("/usr/share/wordnet")
+    assert len(names) == 117659  # WordNet 3.0's synsets
+    assert "dog" in names and "physical entity" in names
+
+
+def test_pmi_bigrams_prefer_collocations():
+    texts = ["new york city at night"] * 6 + ["the cat and the dog"] * 6 + [f"the {w} of the day" for w in "abcdefgh"]
+    got = pmi_bigrams(texts, min_count=5, min_pmi=2.5)
+    assert "new york" in got and "the cat" not in got  # PMI 3.0 vs 1.5: "the" is everywhere
+    ranked = pmi_bigrams(texts, min_count=5, min_pmi=-10)
+    assert ranked.index("new york") < ranked.index("the cat") and "the a" not in ranked  # min_count
+
+
+def test_build_combines_sources(tmp_path, wordnet_dir, capsys):
+    corpus = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"caption": ["a red circle on blue"] * 6 + ["a hot dog stand"] * 6 + ["x"]}), corpus)
+    titles = tmp_path / "titles.txt"
+    titles.write_text("St._Louis\nRed circle\n\n")
+    out = tmp_path / "m" / "metadata.json"
+    rc = metadata_cli(["build", "--out", str(out), "--wordnet", str(wordnet_dir), "--unigrams", "--min-zipf", "6.5",
+                       "--bigrams-from", str(corpus), "--min-count", "5", "--min-pmi", "0.5", "--titles", str(titles)])
+    assert rc == 0
+    entries = json.loads(out.read_text())
+    sources = json.loads((tmp_path / "m" / "metadata.sources.json").read_text())
+    assert entries[:3] == ["0", "1", "10"] and len(entries) == len(set(entries)) == len(sources)
+    assert "dog" in sources and sources["dog"] == ["wordnet"]
+    assert "the" in sources and "unigrams" in sources["the"]
+    assert "red circle" in sources and sources["red circle"] == ["bigrams"]
+    assert sources["St. Louis"] == ["titles"]
+    assert "warning" in capsys.readouterr().err  # St. Louis will never match: said, and kept
+    # same inputs, same bytes
+    again = tmp_path / "m2.json"
+    metadata_cli(["build", "--out", str(again), "--wordnet", str(wordnet_dir), "--unigrams", "--min-zipf", "6.5",
+                  "--bigrams-from", str(corpus), "--min-count", "5", "--min-pmi", "0.5", "--titles", str(titles)])
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_build_errors(tmp_path, capsys):
+    assert metadata_cli(["build", "--out", str(tmp_path / "m.json"), "--wordnet", str(tmp_path / "nowhere")]) == 1
+    assert "wordnet-base" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        metadata_cli(["build", "--out", str(tmp_path / "m.json")])  # no source named
