@@ -1,4 +1,4 @@
-"""MetaCLIP's balancing math as plain functions (facebookresearch/MetaCLIP ``metaclip/balancing.py``,
+"""MetaCLIP's balancing math as plain functions (facebookresearch/MetaCLIP ``metaclip/metaclip1/balancing.py``,
 ``metaclip/curation/curate.py``: ``count_to_prob``, ``t_to_p``, ``p_to_t``).
 
 count[e] = texts whose match set contains e; p[e] = min(1, t / count[e]) (1 for unmatched
@@ -39,8 +39,13 @@ def count_entries(matches, n_entries: int) -> np.ndarray:
 
 
 def entry_probabilities(counts: np.ndarray, t: float) -> np.ndarray:
+    """p[e] = min(1, t / count[e]) — upstream's ``count_to_prob`` (counts below t are raised to t).
+    Entries with count 0 get 1 (0 when t ≤ 0, where upstream divides 0 by 0); no division warnings."""
     c = np.asarray(counts, dtype=np.float64)
-    return t / np.maximum(c, t)  # = min(1, t / count); 1 where count < t (0 included)
+    t = float(t)
+    if t <= 0:
+        return np.zeros(c.shape, np.float64)
+    return t / np.maximum(c, t)
 
 
 def keep_probability(matched_ids: Sequence[int], probs: np.ndarray) -> float:
@@ -51,19 +56,26 @@ def keep_probability(matched_ids: Sequence[int], probs: np.ndarray) -> float:
 
 
 def keep_probabilities(matches, probs: np.ndarray) -> np.ndarray:
-    """keep_probability for many texts at once (match sets are taken as given: unique ids)."""
+    """keep_probability for many texts at once: a segmented product of (1 − p) over the flattened
+    match lists (``np.multiply.reduceat`` over the non-empty rows only; ids repeated within a list
+    count once, as in keep_probability)."""
     values, offsets = _flat(matches)
     n = len(offsets) - 1
     out = np.zeros(n, np.float64)
     if len(values) == 0:
         return out
+    lengths = np.diff(offsets)
+    row = np.repeat(np.arange(n), lengths)
+    step = np.diff(values)
+    if len(step) and not np.all((step > 0) | (np.diff(row) > 0)):  # not sorted-unique within rows
+        keys = np.unique(row * np.int64(len(probs)) + values)
+        row, values = keys // len(probs), keys % len(probs)
+        lengths = np.bincount(row, minlength=n)
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
     miss = 1.0 - np.asarray(probs, np.float64)[values]
-    # ∏(1 − p) per text as a segmented product; log1p(-p) would lose exactness at p = 1
-    row = np.repeat(np.arange(n), np.diff(offsets))
-    prod = np.ones(n, np.float64)
-    np.multiply.at(prod, row, miss)
-    has = np.diff(offsets) > 0
-    out[has] = 1.0 - prod[has]
+    has = lengths > 0
+    # exact products (log1p sums would turn p = 1 into −inf and lose the last bits elsewhere)
+    out[has] = 1.0 - np.multiply.reduceat(miss, offsets[:-1][has])
     return out
 
 
@@ -86,7 +98,12 @@ def threshold_for_share(counts: np.ndarray, p: float) -> float:
 
 
 def language_threshold(english_counts: np.ndarray, language_counts: np.ndarray, t: float) -> int:
-    """MetaCLIP 2: t for a language so that its tail holds the share English's tail holds at t."""
+    """MetaCLIP 2 (upstream ``global_count``): ``p_to_t(language_counts, t_to_p(english_counts, t))``,
+    the language's t at which its tail holds the share of matches English's tail (count < t, strict)
+    holds. As upstream, the language's counts are sorted with their zeros (zero-count entries sit at
+    the start with share 0, so when p is nearer 0 than the smallest non-zero share the answer is 0,
+    where a nonzero-only sort would give the smallest non-zero count); ties → the first (smallest)
+    count. Returns 0 for a language without matches."""
     return int(threshold_for_share(language_counts, tail_share(english_counts, t)))
 
 
@@ -95,14 +112,19 @@ def expected_kept(matches, counts: np.ndarray, t: float) -> float:
 
 
 def solve_threshold(matches_sample, counts: np.ndarray, target: float, iters: int = 60) -> float:
-    """t such that the expected number of sample texts kept is ``target`` (bisection: the expected
-    count grows with t). ``counts`` are the full dataset's; ``target`` is scaled to the sample."""
+    """t such that the expected number of sample texts kept, Σ P(text; t) with p from the full
+    ``counts``, is ``target`` (scale ``target`` to the sample yourself). Bisection: the expected
+    number grows with t, from 0 at t = 0 to the number of matched texts at t = max count. The
+    bracket is [0, max count] rather than [1, max count] so that small targets are reachable too;
+    returns max count (≥ 1) when ``target`` ≥ the number of matched sample texts."""
     counts = np.asarray(counts)
     hi = float(max(counts.max(initial=0), 1))
-    matched = sum(1 for m in (matches_sample if not isinstance(matches_sample, pa.Array)
-                              else matches_sample.to_pylist()) if len(m))
+    values, offsets = _flat(matches_sample)
+    matched = int(np.count_nonzero(np.diff(offsets)))
     if target >= matched:
         return hi
+    if target <= 0:
+        return 0.0
     lo = 0.0
     for _ in range(iters):
         mid = (lo + hi) / 2
@@ -110,4 +132,6 @@ def solve_threshold(matches_sample, counts: np.ndarray, target: float, iters: in
             lo = mid
         else:
             hi = mid
+        if hi - lo <= 1e-9 * hi:
+            break
     return hi

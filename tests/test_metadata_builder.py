@@ -6,12 +6,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from metadata.builder import metadata_cli, pmi_bigrams, wordnet_synsets
+from metadata.builder import metadata_cli, pmi_bigrams
+from metadata.wordnet import wordnet_names
 
 LICENCE = "  1 This software and database is being provided to you, the LICENSEE, by  \n"
 NOUN = LICENCE + (
     "00001740 03 n 01 entity 0 003 ~ 00001930 n 0000 | that which is perceived  \n"
-    "02084071 05 n 05 dog 0 domestic_dog 0 Canis_familiaris 0 007 @ 02083346 n 0000 | a member of the genus Canis  \n"
+    "02084071 05 n 03 dog 0 domestic_dog 0 Canis_familiaris 0 007 @ 02083346 n 0000 | a member of the genus Canis  \n"
     "07697537 13 n 02 hotdog 0 hot_dog 0 003 @ 07697100 n 0000 | a frankfurter served hot  \n")
 ADJ = LICENCE + "00001740 00 a 01 able 0 005 = 05207437 n 0000 | (usually followed by `to')  \n" \
                 "01846413 00 s 01 galore(ip) 0 001 & 01846413 a 0000 | in great numbers  \n"
@@ -26,15 +27,27 @@ def wordnet_dir(tmp_path):
     return d
 
 
-def test_wordnet_synset_names(wordnet_dir):
-    assert wordnet_synsets(str(wordnet_dir)) == ["entity", "dog", "hotdog", "able", "galore"]
+def test_wordnet_names(wordnet_dir):
+    assert wordnet_names(str(wordnet_dir)) == ["entity", "dog", "domestic dog", "Canis familiaris", "hotdog", "hot dog",
+                                               "able", "galore"]  # (ip) marker gone
+    assert wordnet_names(str(wordnet_dir), "synsets") == ["entity", "dog", "hotdog", "able", "galore"]
+
+
+def test_wordnet_bad_line_and_missing_dir(tmp_path, wordnet_dir):
+    (wordnet_dir / "data.verb").write_text(LICENCE + "00001740 29 v 03 breathe 0 | too few words\n")
+    with pytest.raises(ValueError, match=r"data\.verb:2: not a WordNet data line"):
+        wordnet_names(str(wordnet_dir))
+    with pytest.raises(FileNotFoundError, match="apt-get install wordnet-base"):
+        wordnet_names(str(tmp_path / "nowhere"))
 
 
 @pytest.mark.skipif(not os.path.exists("/usr/share/wordnet/data.noun"), reason="Debian's wordnet-base is not installed")
 def test_real_wordnet_files():
-    names = wordnet_synsets("/usr/share/wordnet")
-    assert len(names) == 117659  # WordNet 3.0's synsets
-    assert "dog" in names and "physical entity" in names
+    synsets = wordnet_names("/usr/share/wordnet", "synsets")
+    assert len(synsets) == 117659  # WordNet 3.0's synsets
+    assert "dog" in synsets and "physical entity" in synsets and "st" in synsets  # st._louis.n.01 cut at '.', as upstream
+    lemmas = set(wordnet_names("/usr/share/wordnet"))
+    assert {"Canis familiaris", "St. Louis", "hot dog"} <= lemmas and len(lemmas) > 140_000
 
 
 def test_pmi_bigrams_prefer_collocations():
