@@ -79,6 +79,40 @@ def test_metaclip2_cjk_and_thai_without_spaces():
     assert Matcher(ENTRIES).match_one("我的猫很可爱") == []  # metaclip1 needs spaces
 
 
+@pytest.mark.parametrize("entry,text,m1,m2", [
+    ("C++", "I like C++!", True, True),          # '+' is punctuation: no right space in metaclip2
+    ("C++", "C++code", False, True),
+    ("(c)", "(c)2020", False, True),
+    ("ねこ", "わたしのねこ", False, False),        # kana is not in upstream's CJK-like set: spaces needed
+    ("ねこ", "わたしの ねこ です", True, True),
+    ("한국", "한국어", False, False),               # nor Hangul
+    ("ລາວ", "ພາສາລາວດີ", False, True),            # Lao
+    ("ខ្មែរ", "ភាសាខ្មែរ", False, True),           # Khmer (ends in a Khmer sign)
+    ("「猫」", "我的「猫」呢", False, True),         # full-width marks from upstream's list
+    ("«a»", "x«a»y", False, False),               # « » are not punctuation upstream
+    ("dog", "dog。", False, False),               # 。 is not padded in texts
+    ("猫", "猫。", False, True),
+    ("a b", "a\tb", True, True),                  # tab → space
+    ("a b", "a\u00a0b", False, False),             # NBSP is not whitespace here
+    ("a  b", "a\r\nb", True, True),               # \r\n → two spaces, never collapsed
+    ("Dog", "dog", False, False),
+])
+def test_modes_on_single_entries(entry, text, m1, m2):
+    assert (Matcher([entry]).match_one(text) == [0]) is m1
+    assert (Matcher([entry], mode="metaclip2").match_one(text) == [0]) is m2
+    assert Matcher([entry]).match_one(text) == naive_match([entry], text)
+    assert Matcher([entry], "metaclip2").match_one(text) == naive_match([entry], text, "metaclip2")
+
+
+def test_spacing_is_upstreams():
+    from metadata import spacing
+    assert spacing("a,b.c;d:e?f!g`h\ti\nj\rk") == " a , b . c ; d : e ? f ! g ` h i j k "
+    assert spacing("") == "  " and spacing("x  y") == " x  y "
+    assert spacing("Ünï\u00a0code") == " Ünï\u00a0code "
+    with pytest.raises(ValueError):
+        Matcher(["a"], mode="metaclip3")
+
+
 def test_bad_texts_never_crash():
     m = Matcher(ENTRIES)
     texts = [None, b"hot dog \xff\xfe", "x" * (1 << 20) + " dog", "".join(string.punctuation), "\x00dog\x00"]
@@ -88,16 +122,23 @@ def test_bad_texts_never_crash():
     assert arr.type == pa.list_(pa.int32()) and arr.to_pylist() == [[], [0, 1, 11], []]
     assert m.match_arrow(pa.array([b"dog", None], pa.binary())).to_pylist() == [[1, 11], []]
     assert Matcher([]).match(["anything"]) == [[]] and Matcher(["", ""]).match_one("x") == []
+    assert Matcher([]).match_arrow(pa.array(["a", None])).to_pylist() == [[], []]
+    chunked = pa.chunked_array([["hot dog"], [None, "dog!"]])
+    assert m.match_arrow(chunked).to_pylist() == [[0, 1, 11], [], [1, 4, 11]]
+    assert m.match_arrow(pa.chunked_array([], pa.string())).to_pylist() == []
+    assert m.match_arrow(pa.array(["dog"], pa.large_string())).to_pylist() == [[1, 11]]
 
 
 def _random_corpus(seed):
     r = random.Random(seed)
     words = ["".join(r.choice("abcdeAB") for _ in range(r.randint(1, 3))) for _ in range(60)]
-    words += ["猫", "狗", "ไทย", "é", "e\u0301", "U.S.", "a.b", "x:y", "!", "?", "`", "(a)", "—"]
+    words += ["猫", "狗", "ไทย", "é", "e\u0301", "U.S.", "a.b", "x:y", "!", "?", "`", "(a)", "—", "ねこ", "한국", "ລາວ",
+              "ខ្មែរ", "བོད", "မြန်မာ", "C++", "「猫」", "¿qué", "«a»", "𠀋", "ｱ", "a\u3000b", "\u00a0", "。a", "a、"]
     entries = [r.choice(words) if r.random() < 0.7 else f"{r.choice(words)} {r.choice(words)}" for _ in range(400)]
     entries += ["", " ", "a  b", "\ta"]
-    seps = [" ", " ", " ", "  ", ",", ", ", ".", "!", "\t", "\n", "\r", "", "`", ";", ":", "?", "\u00a0", "。"]
-    texts = ["".join(r.choice(words) + r.choice(seps) for _ in range(r.randint(0, 12))) for _ in range(1500)]
+    seps = [" ", " ", " ", "  ", ",", ", ", ".", "!", "\t", "\n", "\r", "\r\n", "", "`", ";", ":", "?", "\u00a0",
+            "。", "，", "！", "—", "(", ")", "'", "\u3000"]
+    texts = ["".join(r.choice(words) + r.choice(seps) for _ in range(r.randint(0, 12))) for _ in range(3000)]
     return entries, texts
 
 
@@ -150,6 +191,10 @@ def test_solve_threshold_hits_the_target():
     kept = keep_probabilities(matches, entry_probabilities(counts, t)).sum()
     assert kept == pytest.approx(1200, rel=1e-3)
     assert solve_threshold(matches, counts, 10_000) == counts.max()
+    for target in (10, 2999):
+        t = solve_threshold(pa.array(matches, pa.list_(pa.int32())), counts, target)
+        assert keep_probabilities(matches, entry_probabilities(counts, t)).sum() == pytest.approx(target, rel=1e-3)
+    assert solve_threshold(matches + [[]] * 100, counts, 3000) == counts.max()  # unmatched texts never count
 
 
 def test_load_entries_errors_name_file_and_item(tmp_path):
@@ -164,7 +209,48 @@ def test_load_entries_errors_name_file_and_item(tmp_path):
     obj.write_text(json.dumps({"a": 1}))
     with pytest.raises(MetadataError, match="obj.json: expected a JSON list"):
         load_entries(str(obj))
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    with pytest.raises(MetadataError, match="empty.json: not JSON"):
+        load_entries(str(empty))
+    with pytest.raises(MetadataError, match="missing.json"):
+        load_entries(str(tmp_path / "missing.json"))
+    import fsspec
+    with fsspec.open("memory://m/metadata.json", "w") as f:
+        json.dump(["x", None], f)
+    with pytest.raises(MetadataError, match=r"memory://m/metadata\.json: item 1 is not a string \(got null\)"):
+        load_entries("memory://m/metadata.json")
     broken = tmp_path / "broken.json"
     broken.write_text('["a", ')
     with pytest.raises(MetadataError, match="broken.json: not JSON"):
         load_entries(str(broken))
+
+
+def test_probabilities_edge_cases_without_warnings():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert entry_probabilities(np.array([0, 5, 10, 40]), 10).tolist() == [1.0, 1.0, 1.0, 0.25]
+        assert entry_probabilities(np.array([0, 5]), 0).tolist() == [0.0, 0.0]
+        p = np.array([1.0, 0.5, 0.25, 0.0])
+        # duplicates in a list count once; empty lists give 0; a sliced Arrow column is read at its offset
+        assert keep_probabilities([[1, 1], [], [2, 1], [3], [0, 3]], p).tolist() == [0.5, 0.0, 0.625, 0.0, 1.0]
+        assert keep_probability([1, 1], p) == 0.5 and keep_probability([], p) == 0.0
+        col = pa.array([[0], [], [1, 2], None, [3]], pa.list_(pa.int32()))
+        assert keep_probabilities(col.slice(2), p).tolist() == [0.625, 0.0, 0.0]
+        assert keep_probabilities(col.take(pa.array([4, 2])), p).tolist() == [0.0, 0.625]
+        assert keep_probabilities([], p).tolist() == [] and keep_probabilities([[], []], p).tolist() == [0.0, 0.0]
+        assert count_entries(col.slice(2), 4).tolist() == [0, 1, 1, 1] and count_entries([], 3).tolist() == [0, 0, 0]
+        assert language_threshold(np.zeros(3), np.zeros(3), 5) == 0
+
+
+def test_language_threshold_by_hand():
+    en = np.array([1, 2, 3, 4, 10])  # t = 4: tail = 1 + 2 + 3 = 6 of 20 → p = 0.3
+    lang = np.array([5, 1, 1, 3])    # sorted 1 1 3 5, shares .1 .2 .5 1 → closest to .3 is .2 → t = 1
+    assert language_threshold(en, lang, 4) == 1
+    assert language_threshold(en, lang, 5) == 3  # p = 10/20 = .5 → share .5 → 3
+    assert language_threshold(en, lang, 4.5) == 3  # count < t, strictly: 4 joins the tail only above 4
+    assert language_threshold(np.array([3, 5]), np.array([2, 1, 1]), 4) == 1  # p = .375 between .25 and .5: first
+    # upstream sorts the zeros in: p = .04 is nearest their share 0, so t = 0 (not the smallest count, 10)
+    assert language_threshold(np.array([1, 24]), np.array([0, 90, 0, 10]), 2) == 0
+    assert language_threshold(np.array([1, 24]), np.array([90, 10]), 2) == 10
