@@ -232,7 +232,7 @@ def metadata_cli(argv: list[str]) -> int:
         json.dump(entries, f, ensure_ascii=False)
     side = sources_path(out)
     with fsspec.open(side, "w", encoding="utf-8") as f:
-        json.dump(where, f, ensure_ascii=False, indent=0)
+        json.dump(where, f, ensure_ascii=False)
     counts = Counter(s for v in where.values() for s in v)
     print(f"wrote {len(entries)} entries to {out} ({', '.join(f'{k}: {v}' for k, v in counts.items())}); sources in {side}")
     return 0

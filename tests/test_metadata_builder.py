@@ -62,7 +62,7 @@ def test_build_combines_sources(tmp_path, wordnet_dir, capsys):
     corpus = tmp_path / "urls.parquet"
     pq.write_table(pa.table({"caption": ["a red circle on blue"] * 6 + ["a hot dog stand"] * 6 + ["x"]}), corpus)
     titles = tmp_path / "titles.txt"
-    titles.write_text("St._Louis\nRed circle\n\n")
+    titles.write_text("St._Louis\nRed circle\n\n!\ndog\nU.S.\n")
     out = tmp_path / "m" / "metadata.json"
     rc = metadata_cli(["build", "--out", str(out), "--wordnet", str(wordnet_dir), "--unigrams", "--min-zipf", "6.5",
                        "--bigrams-from", str(corpus), "--min-count", "5", "--min-pmi", "0.5", "--titles", str(titles)])
@@ -70,11 +70,21 @@ def test_build_combines_sources(tmp_path, wordnet_dir, capsys):
     entries = json.loads(out.read_text())
     sources = json.loads((tmp_path / "m" / "metadata.sources.json").read_text())
     assert entries[:3] == ["0", "1", "10"] and len(entries) == len(set(entries)) == len(sources)
-    assert "dog" in sources and sources["dog"] == ["wordnet"]
+    assert list(sources) == entries  # {entry: [sources]} in entry order
+    assert sources["dog"] == ["wordnet", "titles"] and sources["Canis familiaris"] == ["wordnet"]
     assert "the" in sources and "unigrams" in sources["the"]
-    assert "red circle" in sources and sources["red circle"] == ["bigrams"]
-    assert sources["St. Louis"] == ["titles"]
-    assert "warning" in capsys.readouterr().err  # St. Louis will never match: said, and kept
+    assert sources["red circle"] == ["bigrams"] and sources["Red circle"] == ["titles"]  # case-sensitive
+    assert sources["St. Louis"] == sources["U.S."] == ["titles"] and "!" not in sources  # kept / dropped as upstream
+    # sources in a fixed order, each sorted: numbers, wordnet, unigrams, bigrams, titles
+    order = ["numbers", "wordnet", "unigrams", "bigrams", "titles"]
+    firsts = [order.index(sources[e][0]) for e in entries]
+    assert firsts == sorted(firsts)
+    wordnet_part = [e for e in entries if sources[e][0] == "wordnet"]
+    assert wordnet_part == sorted(wordnet_part)
+    err = capsys.readouterr().err
+    assert "1 entries were a single punctuation mark (dropped, as upstream): '!'" in err
+    assert "duplicated" in err and "'dog'" in err
+    assert "'St. Louis', 'U.S.'" in err and "never match" in err
     # same inputs, same bytes
     again = tmp_path / "m2.json"
     metadata_cli(["build", "--out", str(again), "--wordnet", str(wordnet_dir), "--unigrams", "--min-zipf", "6.5",
@@ -87,3 +97,38 @@ def test_build_errors(tmp_path, capsys):
     assert "wordnet-base" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         metadata_cli(["build", "--out", str(tmp_path / "m.json")])  # no source named
+
+
+def test_bigram_corpus_formats_and_unigram_floor(tmp_path, capsys):
+    import wordfreq
+
+    rows = ["new york city at night"] * 6 + ["the cat and the dog"] * 3 + ["x y"]
+    (tmp_path / "c.txt").write_text("\n".join(rows) + "\n")
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    (tmp_path / "c.csv").write_text("text,other\n" + "".join(f"{r},1\n" for r in rows))
+    d = tmp_path / "input"
+    d.mkdir()
+    pq.write_table(pa.table({"text": rows[:5]}), d / "a.parquet")
+    pq.write_table(pa.table({"text": rows[5:]}), d / "b.parquet")
+    got = {}
+    for src in ["c.txt", "c.jsonl", "c.csv", "input", "input/*.parquet"]:
+        out = tmp_path / f"{src.replace('/', '_').replace('*', 'all')}.json"
+        assert metadata_cli(["build", "--out", str(out), "--no-numbers", "--bigrams-from", str(tmp_path / src),
+                             "--text-col", "text", "--min-count", "3", "--min-pmi", "1", "--max-bigrams", "2"]) == 0
+        got[src] = json.loads(out.read_text())
+    # PMI: "cat and" = log(3/n / (3/N * 3/N)) beats the pairs at 1/6 of that, which tie (broken alphabetically)
+    assert all(v == got["c.txt"] for v in got.values()) and got["c.txt"] == ["cat and", "and the"]
+    assert metadata_cli(["build", "--out", str(tmp_path / "u.json"), "--no-numbers", "--unigrams", "--min-zipf", "6"]) == 0
+    words = json.loads((tmp_path / "u.json").read_text())
+    assert words == sorted(words) and "the" in words
+    assert all(wordfreq.zipf_frequency(w, "en") >= 6 for w in words)
+    assert metadata_cli(["build", "--out", str(tmp_path / "bad.json"), "--bigrams-from", str(tmp_path / "c.csv"),
+                         "--text-col", "caption"]) == 1
+    assert "no column 'caption'" in capsys.readouterr().err
+
+
+def test_wordnet_synset_names_via_cli(tmp_path, wordnet_dir):
+    out = tmp_path / "m.json"
+    assert metadata_cli(["build", "--out", str(out), "--no-numbers", "--wordnet", str(wordnet_dir),
+                         "--wordnet-names", "synsets"]) == 0
+    assert json.loads(out.read_text()) == ["able", "dog", "entity", "galore", "hotdog"]
