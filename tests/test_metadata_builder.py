@@ -117,7 +117,7 @@ def test_bigram_corpus_formats_and_unigram_floor(tmp_path, capsys):
                              "--text-col", "text", "--min-count", "3", "--min-pmi", "1", "--max-bigrams", "2"]) == 0
         got[src] = json.loads(out.read_text())
     # PMI: "cat and" = log(3/n / (3/N * 3/N)) beats the pairs at 1/6 of that, which tie (broken alphabetically)
-    assert all(v == got["c.txt"] for v in got.values()) and got["c.txt"] == ["cat and", "and the"]
+    assert all(v == got["c.txt"] for v in got.values()) and got["c.txt"] == ["and the", "cat and"]  # top 2, then sorted
     assert metadata_cli(["build", "--out", str(tmp_path / "u.json"), "--no-numbers", "--unigrams", "--min-zipf", "6"]) == 0
     words = json.loads((tmp_path / "u.json").read_text())
     assert words == sorted(words) and "the" in words
