@@ -22,6 +22,7 @@ An empty entry never matches (upstream would crash on ``e[0]``).
 """
 from __future__ import annotations
 
+import functools
 import string
 
 MODES = ("metaclip1", "metaclip2")
@@ -58,6 +59,7 @@ def is_punctuation(ch: str) -> bool:
     return ch in _PUNCT
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def is_cjk_or_similar(ch: str) -> bool:
     cp = ord(ch)
     return any(lo <= cp <= hi for lo, hi in CJK_RANGES) or ch in _PUNCT
