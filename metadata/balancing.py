@@ -33,6 +33,8 @@ def count_entries(matches, n_entries: int) -> np.ndarray:
     values, offsets = _flat(matches)
     if len(values) == 0:
         return np.zeros(n_entries, np.int64)
+    if values.min() < 0 or values.max() >= n_entries:
+        raise ValueError(f"entry ids must be in [0, {n_entries}), got {values.min()}..{values.max()}")
     row = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
     pairs = np.unique(row * np.int64(n_entries) + values)  # once per (text, entry)
     return np.bincount(pairs % n_entries, minlength=n_entries).astype(np.int64)

@@ -242,6 +242,8 @@ def test_probabilities_edge_cases_without_warnings():
         assert keep_probabilities([], p).tolist() == [] and keep_probabilities([[], []], p).tolist() == [0.0, 0.0]
         assert count_entries(col.slice(2), 4).tolist() == [0, 1, 1, 1] and count_entries([], 3).tolist() == [0, 0, 0]
         assert language_threshold(np.zeros(3), np.zeros(3), 5) == 0
+    with pytest.raises(ValueError, match=r"entry ids must be in \[0, 3\)"):
+        count_entries([[0, 5]], 3)
 
 
 def test_language_threshold_by_hand():
