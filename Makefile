@@ -12,6 +12,11 @@ $(STAMP): pyproject.toml
 	# PyPI's CPU-only torch 2.13 breaks torchvision here: install the matching pair first.
 	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	# WordNet 3.0 for `recap metadata build --wordnet` (Debian's wordnet-base): best effort, as root only
+	@if [ ! -e /usr/share/wordnet/data.noun ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  timeout 300 sh -c 'apt-get install -y -q wordnet-base >/dev/null 2>&1 || \
+	    (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q wordnet-base >/dev/null 2>&1)' \
+	  || echo "note: wordnet-base not installed; WordNet metadata tests will be skipped"; fi
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -84,6 +84,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _demo_metadata(job_path: str, out: Path, world_dir: Path) -> list[str]:
+    """Build the demo's MetaCLIP metadata (once) and point the job's balance stage at it."""
+    import yaml
+
+    from metadata.builder import metadata_cli
+
+    stages = (yaml.safe_load(Path(job_path).read_text()) or {}).get("stages") or []
+    names = [next(iter(s)) if isinstance(s, dict) else s for s in stages]
+    if "balance" not in names:
+        return []
+    meta = out / "metadata.json"
+    if not meta.exists():
+        from world.scenes import COLOURS, SHAPES
+
+        # The world's visual vocabulary stands in for WordNet + Wikipedia titles: shapes (and
+        # plurals), colours, and every colour-shape pair.
+        titles = out / "metadata_titles.txt"
+        words = [*SHAPES, *(f"{s}s" for s in SHAPES), *COLOURS, *(f"{c} {s}" for c in COLOURS for s in SHAPES)]
+        titles.write_text("".join(f"{w}\n" for w in words))
+        print(f"building MetaCLIP metadata for the demo in {meta} ...", flush=True)
+        rc = metadata_cli(["build", "--out", str(meta), "--no-numbers", "--titles", str(titles)])
+        if rc:
+            raise RuntimeError("building the demo metadata failed")
+    return [f"stages.{names.index('balance')}.balance.metadata={meta}"]
+
+
 def cmd_demo(args) -> int:
     from pipeline.inspect import format_report, inspect_dataset
     from pipeline.job import load_job
@@ -99,9 +125,9 @@ def cmd_demo(args) -> int:
         port = port if port is not None and _port_free(port) else _free_port()
         print(f"generating the demo world ({args.samples} samples) in {world_dir} ...", flush=True)
         generate_world(world_dir, samples=args.samples, heldout=args.heldout, seed=args.seed, port=port)
-    job = load_job(args.job, [f"input.path={world_dir / 'urls.parquet'}",
-                              f"download.allow_hosts=[127.0.0.1:{port}]", *(args.set or [])],
-                   output=str(out / "dataset"))
+    overrides = [f"input.path={world_dir / 'urls.parquet'}", f"download.allow_hosts=[127.0.0.1:{port}]"]
+    overrides += _demo_metadata(args.job, out, world_dir)
+    job = load_job(args.job, [*overrides, *(args.set or [])], output=str(out / "dataset"))
     print(f"serving the demo world on http://127.0.0.1:{port}; running {args.job} -> {job.output}", flush=True)
     with serve(world_dir, port=port):
         try:
