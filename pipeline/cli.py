@@ -84,30 +84,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _demo_metadata(job_path: str, out: Path, world_dir: Path) -> list[str]:
-    """Build the demo's MetaCLIP metadata (once) and point the job's balance stage at it."""
+def _demo_metadata(job_path: str) -> list[str]:
+    """Point a job's relative balance metadata at the file beside the job (jobs/demo-metadata.json),
+    so `recap demo` runs from any directory."""
     import yaml
 
-    from metadata.builder import metadata_cli
-
     stages = (yaml.safe_load(Path(job_path).read_text()) or {}).get("stages") or []
-    names = [next(iter(s)) if isinstance(s, dict) else s for s in stages]
-    if "balance" not in names:
-        return []
-    meta = out / "metadata.json"
-    if not meta.exists():
-        from world.scenes import COLOURS, SHAPES
-
-        # The world's visual vocabulary stands in for WordNet + Wikipedia titles: shapes (and
-        # plurals), colours, and every colour-shape pair.
-        titles = out / "metadata_titles.txt"
-        words = [*SHAPES, *(f"{s}s" for s in SHAPES), *COLOURS, *(f"{c} {s}" for c in COLOURS for s in SHAPES)]
-        titles.write_text("".join(f"{w}\n" for w in words))
-        print(f"building MetaCLIP metadata for the demo in {meta} ...", flush=True)
-        rc = metadata_cli(["build", "--out", str(meta), "--no-numbers", "--titles", str(titles)])
-        if rc:
-            raise RuntimeError("building the demo metadata failed")
-    return [f"stages.{names.index('balance')}.balance.metadata={meta}"]
+    out = []
+    for i, s in enumerate(stages):
+        meta = ((s or {}).get("balance") or {}).get("metadata") if isinstance(s, dict) else None
+        if isinstance(meta, str) and "://" not in meta and not Path(meta).is_absolute() and not Path(meta).exists():
+            beside = Path(job_path).resolve().parent / Path(meta).name
+            if beside.exists():
+                out.append(f"stages.{i}.balance.metadata={beside}")
+    return out
 
 
 def cmd_demo(args) -> int:
@@ -126,7 +116,7 @@ def cmd_demo(args) -> int:
         print(f"generating the demo world ({args.samples} samples) in {world_dir} ...", flush=True)
         generate_world(world_dir, samples=args.samples, heldout=args.heldout, seed=args.seed, port=port)
     overrides = [f"input.path={world_dir / 'urls.parquet'}", f"download.allow_hosts=[127.0.0.1:{port}]"]
-    overrides += _demo_metadata(args.job, out, world_dir)
+    overrides += _demo_metadata(args.job)
     job = load_job(args.job, [*overrides, *(args.set or [])], output=str(out / "dataset"))
     print(f"serving the demo world on http://127.0.0.1:{port}; running {args.job} -> {job.output}", flush=True)
     with serve(world_dir, port=port):

@@ -63,6 +63,8 @@ class Stage:
     kind: ClassVar[Literal["source", "map", "global"]] = "map"
     reads: ClassVar[tuple[str, ...]] = ()
     writes: ClassVar[tuple[str, ...]] = ()
+    # Global stages: per-row columns partial() computes and apply() receives back (see partial).
+    carry: ClassVar[tuple[str, ...]] = ()
     default_batch_size: ClassVar[int] = 1024
     default_resources: ClassVar[Resources] = Resources()
     # Run as an actor pool that keeps setup()'s work (a model) across shards? None = yes iff the
@@ -102,7 +104,12 @@ class Stage:
 
     # global stages: per-shard partials -> reduce -> per-shard apply
     def partial(self, batch: pa.Table) -> Any:
-        """A JSON-serialisable summary of one whole shard (called once per shard)."""
+        """A JSON-serialisable summary of one whole shard (called once per shard).
+
+        It may instead return ``(summary, rows)`` where ``rows`` is a table with ``uid`` and the
+        per-row columns the stage declares in ``carry``: the engine commits them with the partial
+        and hands them to ``apply`` as extra columns, so costly per-row work (balancing's
+        sub-string matching) runs once, not in both passes."""
         raise NotImplementedError
 
     def reduce(self, partials: list[Any]) -> Any:

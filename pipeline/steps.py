@@ -138,10 +138,42 @@ def check_output(stage: Stage, inp: pa.Table, out: Any) -> pa.Table:
     return out
 
 
+def carry_rel(stage_name: str, shard: int) -> str:
+    return f"stages/{stage_name}/carry/{shard_name(shard)}.parquet"
+
+
+def split_partial(stage: Stage, table: pa.Table, result: Any) -> tuple[Any, pa.Table | None]:
+    """A partial's (summary, carried rows); the rows checked against the stage's ``carry``."""
+    if not stage.carry:
+        return result, None
+    who = f"stage {stage.ctx.stage!r}"
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], pa.Table)):
+        raise ContractError(f"{who}: declares carry {list(stage.carry)}, so partial() must return (summary, rows)")
+    rows = result[1]
+    if rows.num_rows != table.num_rows or "uid" not in rows.column_names \
+            or not rows.column("uid").equals(table.column("uid")):
+        raise ContractError(f"{who}: partial()'s rows must have one row per input row, same uids in the same order")
+    missing = [c for c in stage.carry if c not in rows.column_names]
+    if missing:
+        raise ContractError(f"{who}: partial()'s rows lack carried columns {missing}")
+    return result[0], rows.select(["uid", *stage.carry])
+
+
+def with_carry(stage: Stage, table: pa.Table, carried: pa.Table) -> pa.Table:
+    """The apply input plus the columns the partial carried, matched by uid."""
+    taken = _take_by_uid(table.column("uid"), carried)
+    for name in stage.carry:
+        table = table.append_column(name, taken.column(name))
+    return table
+
+
 def run_stage(stage: Stage, table: pa.Table, phase: str, state: Any = None) -> tuple[pa.Table | None, list]:
-    """Run process/partial/apply over the shard in batches of the stage's batch size."""
-    if phase == "partial":  # one partial per shard: the reduce never sees batch boundaries
-        return None, [stage.partial(table)]
+    """Run process/partial/apply over the shard in batches of the stage's batch size. A partial
+    runs once per shard (the reduce never sees batch boundaries); with ``carry``, its rows come
+    last in the returned list."""
+    if phase == "partial":
+        summary, rows = split_partial(stage, table, stage.partial(table))
+        return None, [summary] if rows is None else [summary, rows]
     outs = []
     for b in _batches(table, stage.batch_size):
         out = stage.apply(b, state) if phase == "apply" else stage.process(b)
@@ -229,8 +261,11 @@ class StepRunner:
         table = load_input(ds, shard, spec.previous, stage.reads)
         if spec.phase == "partial":
             _, partials = run_stage(stage, table, "partial")
-            files = {f"stages/{spec.name}/partials/{shard_name(shard)}.json": json_bytes(partials)}
+            files = {carry_rel(spec.name, shard): table_bytes(partials.pop())} if stage.carry else {}
+            files[f"stages/{spec.name}/partials/{shard_name(shard)}.json"] = json_bytes(partials)
             return ds.commit(spec.step, shard, spec.config_hash, files, {"in": table.num_rows})["counts"]
+        if spec.phase == "apply" and stage.carry:
+            table = with_carry(stage, table, ds.read_table(carry_rel(spec.name, shard)))
         out, _ = run_stage(stage, table, spec.phase, self.state)
         kept, ledger, counts = _split(out, spec.name)
         side = out.filter(kept).select(["uid"] + list(stage.writes))

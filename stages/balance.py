@@ -43,17 +43,31 @@ def _flat(matches: pa.ListArray) -> np.ndarray:
     return matches.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
 
 
-def _sparse_counts(matches: pa.ListArray) -> dict[str, int]:
-    """Match sets are unique per text, so counting flattened ids counts each entry once per text."""
+def _sparse_counts(matches: pa.ListArray) -> dict[str, list[int]]:
+    """Match sets are unique per text, so counting flattened ids counts each entry once per text.
+    Sparse as two lists (ids, counts): compact in JSON at 500k entries, and quick to densify."""
     ids, n = np.unique(_flat(matches), return_counts=True)
-    return {str(int(i)): int(c) for i, c in zip(ids, n)}
+    return {"ids": ids.tolist(), "n": n.tolist()}
 
 
-def _dense(sparse: dict[str, int], n: int) -> np.ndarray:
+def _sparse(dense: np.ndarray) -> dict[str, list[int]]:
+    ids = np.nonzero(dense)[0]
+    return {"ids": ids.tolist(), "n": dense[ids].tolist()}
+
+
+def _dense(sparse: dict[str, list[int]], n: int) -> np.ndarray:
     out = np.zeros(n, dtype=np.int64)
-    if sparse:
-        out[np.fromiter((int(k) for k in sparse), np.int64, len(sparse))] = np.fromiter(sparse.values(), np.int64, len(sparse))
+    if sparse and sparse["ids"]:
+        np.add.at(out, np.asarray(sparse["ids"], np.int64), np.asarray(sparse["n"], np.int64))
     return out
+
+
+def _total(state: dict) -> np.ndarray:
+    n = int(state["n_entries"])
+    return np.sum([_dense(c, n) for c in state["counts"].values()], axis=0) if state["counts"] else np.zeros(n, np.int64)
+
+
+TOP_NAMES = 100  # entries whose names the state keeps for `recap inspect` (the whole list is metadata.json)
 
 
 class BalanceStage(Stage):
@@ -61,7 +75,9 @@ class BalanceStage(Stage):
     Config = BalanceConfig
     kind = "global"
     writes = ("matched_entries", "balance_prob")
+    carry = ("matched_entries",)  # matched once, in the partial pass; apply gets the column back
     default_batch_size = 1 << 20  # a global stage sees whole shards
+    version = "2"  # sparse counts as (ids, n) lists; matches carried from partial to apply
 
     @property
     def reads(self) -> tuple[str, ...]:  # type: ignore[override]
@@ -95,14 +111,16 @@ class BalanceStage(Stage):
         counts = {}
         for lang in sorted(set(langs.tolist())):
             rows = np.nonzero(langs == lang)[0]
-            counts[lang] = _sparse_counts(matches.take(pa.array(rows)))
-        # A uniform sample of the whole dataset (same rate in every shard, drawn by uid), big
-        # enough to solve t for a target size at any scale without shipping every match set.
-        rate = min(1.0, cfg.solve_sample / self.ctx.n_inputs) if self.ctx.n_inputs else 1.0
-        u = rng.uniform(self.ctx.seed, "balance.sample", batch.column("uid").to_pylist())
-        picked = np.nonzero(u < rate)[0]
-        return {"n": batch.num_rows, "counts": counts,
-                "sample": matches.take(pa.array(picked, pa.int64())).to_pylist()}
+            counts[lang] = _sparse_counts(matches if len(rows) == len(langs) else matches.take(pa.array(rows)))
+        sample = []
+        if cfg.target_size is not None:
+            # A uniform sample of the whole dataset (same rate in every shard, drawn by uid), big
+            # enough to solve t for a target size at any scale without shipping every match set.
+            rate = min(1.0, cfg.solve_sample / self.ctx.n_inputs) if self.ctx.n_inputs else 1.0
+            u = rng.uniform(self.ctx.seed, "balance.sample", batch.column("uid").to_pylist())
+            sample = matches.take(pa.array(np.nonzero(u < rate)[0], pa.int64())).to_pylist()
+        summary = {"n": batch.num_rows, "counts": counts, "sample": sample}
+        return summary, pa.table({"uid": batch.column("uid"), "matched_entries": matches.cast(pa.list_(pa.int32()))})
 
     def reduce(self, partials: list[dict]) -> dict:
         from metadata import language_threshold, solve_threshold
@@ -130,16 +148,15 @@ class BalanceStage(Stage):
             "t_lang": t_lang,
             "samples": total_n,
             "n_entries": n_entries,
-            "counts": {lang: {str(i): int(c[i]) for i in np.nonzero(c)[0]} for lang, c in sorted(lang_counts.items())},
-            "names": {str(i): self.entries[i] for i in np.nonzero(counts)[0]},
+            "counts": {lang: _sparse(c) for lang, c in sorted(lang_counts.items())},
+            "names": {str(i): self.entries[i] for i in np.argsort(-counts, kind="stable")[:TOP_NAMES] if counts[i]},
         }
 
     def reduce_outputs(self, state: dict) -> dict[str, bytes]:
         # MetaCLIP's entry_counts: {entry: count} over every entry (zeros too), in entry order;
         # a duplicated entry has one key (its copies match the same texts, so the same count).
-        counts = np.sum([_dense(c, len(self.entries)) for c in state["counts"].values()], axis=0) \
-            if state["counts"] else np.zeros(len(self.entries), np.int64)
-        full = {e: int(c) for e, c in zip(self.entries, counts.tolist())}
+        counts = _total(state)
+        full = dict(zip(self.entries, counts.tolist()))
         return {"entry_counts.json": json.dumps(full, ensure_ascii=False).encode()}
 
     def _entry_probs(self, state: dict, lang: str) -> np.ndarray:
@@ -152,7 +169,7 @@ class BalanceStage(Stage):
             if cfg.per_language:
                 counts, t = _dense(state["counts"].get(lang, {}), n), state["t_lang"].get(lang, state["t"])
             else:
-                counts = np.sum([_dense(c, n) for c in state["counts"].values()], axis=0) if state["counts"] else np.zeros(n, np.int64)
+                counts = _total(state)
                 t = state["t"]
             self._probs[key] = entry_probabilities(counts, t)
         return self._probs[key]
@@ -161,12 +178,16 @@ class BalanceStage(Stage):
         from metadata import keep_probabilities
 
         cfg: BalanceConfig = self.config
-        matches = self._matches(batch)
+        if "matched_entries" in batch.column_names:  # carried from the partial pass
+            matches = batch.column("matched_entries").combine_chunks()
+        else:
+            matches = self._matches(batch)
         langs = self._langs(batch)
         probs = np.zeros(batch.num_rows, dtype=np.float64)
         for lang in sorted(set(langs.tolist())):
             rows = np.nonzero(langs == lang)[0]
-            probs[rows] = keep_probabilities(matches.take(pa.array(rows)), self._entry_probs(state, lang))
+            subset = matches if len(rows) == len(langs) else matches.take(pa.array(rows))
+            probs[rows] = keep_probabilities(subset, self._entry_probs(state, lang))
         has_match = pc.greater(pc.list_value_length(matches), 0).to_numpy(zero_copy_only=False)
         u = rng.uniform(self.ctx.seed, "balance", batch.column("uid").to_pylist())
         kept = has_match & ((u < probs) | (not cfg.drop))
@@ -186,7 +207,7 @@ class BalanceStage(Stage):
             return None
         state = dataset.read_json("stages/balance/state.json")["state"]
         n, t = int(state["n_entries"]), float(state["t"])
-        before = np.sum([_dense(c, n) for c in state["counts"].values()], axis=0) if state["counts"] else np.zeros(n, np.int64)
+        before = _total(state)
         after = np.zeros(n, np.int64)
         kept_matched = 0
         for shard in range(n_shards):

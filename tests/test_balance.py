@@ -127,13 +127,30 @@ def test_same_keeps_whatever_the_batching_other_seed_differs(corpus, ray_local, 
     assert abs(len(ka) - mean) < 4 * sd + 1 and abs(len(kc) - mean) < 4 * sd + 1
 
 
+def test_same_keeps_with_1_2_4_workers(corpus, ray_local, fake_stages):
+    """Shards go to whichever actor is free: the kept set, probabilities and counts must not care."""
+    tmp, urls, meta, caps = corpus
+    outs = [_run(tmp, urls, meta, tmp / f"w{n}", t=30, concurrency=n, resources={"cpus": 0.25}) for n in (1, 2, 4)]
+    sides = [_sidecars(o).sort_by("uid") for o in outs]
+    assert sides[0].num_rows > 0
+    assert all(s.equals(sides[0]) for s in sides[1:])
+    counts = [(o / "stages/balance/entry_counts.json").read_bytes() for o in outs]
+    assert counts[1] == counts[0] == counts[2]
+    # the matches the partial pass carried to apply are the ones the apply pass would compute
+    carried = pa.concat_tables([pq.read_table(p) for p in sorted((outs[0] / "stages/balance/carry").glob("*.parquet"))])
+    assert carried.num_rows == len(caps)
+    kept = dict(zip(sides[0].column("uid").to_pylist(), sides[0].column("matched_entries").to_pylist()))
+    carried = dict(zip(carried.column("uid").to_pylist(), carried.column("matched_entries").to_pylist()))
+    assert all(carried[u] == m for u, m in kept.items())
+
+
 def _all_probs(out) -> np.ndarray:
     """P for every sample that reached the stage, recomputed from the stage's own state."""
     state = json.loads((out / "stages/balance/state.json").read_text())["state"]
     counts = np.zeros(state["n_entries"], np.int64)
     for sparse in state["counts"].values():
-        for k, v in sparse.items():
-            counts[int(k)] += v
+        for k, v in zip(sparse["ids"], sparse["n"]):
+            counts[k] += v
     p = np.minimum(1.0, state["t"] / np.maximum(counts, 1))
     caps = [r["caption"] for f in sorted((out / "shards").glob("*.parquet")) for r in pq.read_table(f).to_pylist()]
     return np.array([1 - math.prod(1 - p[i] for i in _naive_match(c)) for c in caps])

@@ -22,6 +22,7 @@ from world.server import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 RECAP = [sys.executable, "-m", "pipeline.cli"]
+DEMO_METADATA = ROOT / "jobs" / "demo-metadata.json"
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,8 @@ def world(tmp_path_factory):
 def _demo_job(world_dir, port, out, *sets):
     return load_job(ROOT / "jobs/demo.yaml", [f"input.path={world_dir / 'urls.parquet'}",
                                               f"download.allow_hosts=[127.0.0.1:{port}]",
-                                              "download.samples_per_shard=60", "download.timeout=2", *sets],
+                                              "download.samples_per_shard=60", "download.timeout=2",
+                                              f"stages.3.balance.metadata={DEMO_METADATA}", *sets],
                     output=str(out))
 
 
@@ -78,7 +80,8 @@ def test_kill_9_then_resume_and_cpus_1_vs_2_are_byte_identical(world, tmp_path):
     def run(out, cpus, **kw):
         cmd = RECAP + ["run", str(ROOT / "jobs/demo.yaml"), "--set", f"input.path={world_dir / 'urls.parquet'}",
                        "--set", f"download.allow_hosts=[127.0.0.1:{port}]", "--set", "download.samples_per_shard=60",
-                       "--set", "download.timeout=2", "--output", str(out), "--cpus", str(cpus), "--quiet"]
+                       "--set", "download.timeout=2", "--set", f"stages.3.balance.metadata={DEMO_METADATA}",
+                       "--output", str(out), "--cpus", str(cpus), "--quiet"]
         return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
     a = run(tmp_path / "A", 2)

@@ -132,3 +132,17 @@ def test_wordnet_synset_names_via_cli(tmp_path, wordnet_dir):
     assert metadata_cli(["build", "--out", str(out), "--no-numbers", "--wordnet", str(wordnet_dir),
                          "--wordnet-names", "synsets"]) == 0
     assert json.loads(out.read_text()) == ["able", "dog", "entity", "galore", "hotdog"]
+
+
+def test_shipped_demo_metadata_is_the_builders_output(tmp_path):
+    """jobs/demo-metadata.json is reproducible: the builder on the world's vocabulary remakes it."""
+    from pathlib import Path
+
+    from world.scenes import metadata_titles
+
+    titles = tmp_path / "titles.txt"
+    titles.write_text("".join(f"{w}\n" for w in metadata_titles()))
+    out = tmp_path / "metadata.json"
+    assert metadata_cli(["build", "--out", str(out), "--no-numbers", "--titles", str(titles)]) == 0
+    shipped = Path(__file__).resolve().parent.parent / "jobs" / "demo-metadata.json"
+    assert json.loads(out.read_text()) == json.loads(shipped.read_text())

@@ -145,3 +145,9 @@ def groups(scene: Scene) -> list[tuple[int, str, str, str]]:
 
 def scene_json(scene: Scene) -> str:
     return json.dumps(scene, sort_keys=True, separators=(",", ":"))
+
+
+def metadata_titles() -> list[str]:
+    """The world's visual vocabulary as MetaCLIP title entries (it stands in for WordNet +
+    Wikipedia titles in the demo): shapes and their plurals, colours, every colour-shape pair."""
+    return [*SHAPES, *(f"{s}s" for s in SHAPES), *COLOURS, *(f"{c} {s}" for c in COLOURS for s in SHAPES)]
