@@ -35,11 +35,17 @@ How it is measured
   --profile the bench also times each data pipeline alone (loader only, no model) and one
   training step alone (fixed batch, no loader), to show where the time goes.
 
-open_clip_train comes from the same interpreter by default (open_clip_torch 3.x ships it as the
-top-level package `open_clip_train`; it needs webdataset, braceexpand, pandas, ftfy, regex, tqdm).
-If its pins ever conflict with recap's, install it in its own venv and pass
-`--openclip-python /path/to/venv/bin/python`; that interpreter only runs this file in its
---_openclip-main mode, which imports nothing from recap.
+open_clip_train's environment: open_clip_torch 3.x ships it as the top-level package
+`open_clip_train` in the same wheel, so it runs on recap's interpreter and torch. Its one conflicting
+pin is `webdataset<=0.2.86` (open_clip_torch[training]): with newer webdataset (recap's venv has
+0.2.111) its tar reader gets an end-of-tar marker `{}` and dies with KeyError 'fname'. So the open_clip
+processes run with an overlay put first on PYTHONPATH that holds only webdataset==0.2.86 (pure
+Python; `pip install --no-deps --target`, made on first use in bench/.openclip-deps/, which ignores
+itself through its own .gitignore; --openclip-deps elsewhere). recap's processes never see it. For
+a machine without PyPI access, carry that directory along. If open_clip_train ever needs more than
+that, install it in its own venv and pass `--openclip-python /path/to/venv/bin/python` (that
+interpreter only runs this file in its --_openclip-main mode, which imports nothing from recap;
+pass --openclip-deps none to skip the overlay).
 """
 from __future__ import annotations
 
@@ -123,12 +129,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _env(args) -> dict:
+OC_WEBDATASET = "0.2.86"  # open_clip_torch[training] pins webdataset<=0.2.86
+
+
+def openclip_deps(where: str) -> Path | None:
+    """The PYTHONPATH overlay for open_clip_train (webdataset==0.2.86 only), made if missing."""
+    if where == "none":
+        return None
+    d = Path(where)
+    if (d / f"webdataset-{OC_WEBDATASET}.dist-info").is_dir():
+        return d
+    d.mkdir(parents=True, exist_ok=True)
+    (d / ".gitignore").write_text("*\n")
+    print(f"installing webdataset=={OC_WEBDATASET} for open_clip_train into {d} (pip --no-deps --target)", flush=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--upgrade", "--target", str(d),
+                    f"webdataset=={OC_WEBDATASET}"], check=True)
+    return d
+
+
+def _env(args, overlay: Path | None = None) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # both trainers pick CUDA when they see it
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    paths = ([str(overlay)] if overlay else []) + [str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     return env
 
 
@@ -144,6 +169,7 @@ def run_recap(args, data: Path, work: Path, tag: str) -> dict:
     import yaml
 
     out = work / f"recap-{tag}"
+    shutil.rmtree(out, ignore_errors=True)  # --keep: a second bench run would append to metrics.csv
     cfg = {"name": "bench", "seed": 0, "output": str(out), "steps": args.steps, "log_every": 1,
            "threads": args.threads, "tensorboard": False,
            "data": {"path": str(data), "batch_size": args.batch_size, "workers": args.workers},
@@ -179,6 +205,7 @@ def run_openclip(args, data: Path, n_shards: int, work: Path, tag: str) -> dict:
           "--lr=5e-4", "--beta1=0.9", "--beta2=0.98", "--eps=1e-6", "--wd=0.2", f"--warmup={args.warmup}",
           "--grad-clip-norm=1.0", "--log-every-n-steps=1", f"--logs={work}", f"--name=openclip-{tag}",
           "--report-to=", "--zeroshot-frequency=0", "--val-frequency=0"]
+    shutil.rmtree(work / f"openclip-{tag}", ignore_errors=True)  # else "Experiment already exists"
     me = [str(Path(__file__).resolve()), "--_openclip-main", str(args.model_config_dir), "--", *oc]
     py = args.openclip_python or sys.executable
     if args.nproc > 1:
@@ -187,7 +214,7 @@ def run_openclip(args, data: Path, n_shards: int, work: Path, tag: str) -> dict:
     else:
         cmd = [py, *me]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=work, env=_env(args), capture_output=True, text=True)
+    p = subprocess.run(cmd, cwd=work, env=_env(args, args.oc_overlay), capture_output=True, text=True)
     wall = time.perf_counter() - t0
     text = p.stdout + p.stderr
     if p.returncode:
@@ -284,6 +311,8 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=None, help="tars (default: max(4, 2 x workers x nproc))")
     ap.add_argument("--repeat", type=int, default=2, help="alternate the two this many times; best counts")
     ap.add_argument("--openclip-python", help="interpreter with open_clip_train (a separate venv)")
+    ap.add_argument("--openclip-deps", default=str(ROOT / "bench" / ".openclip-deps"),
+                    help="PYTHONPATH overlay with webdataset==0.2.86 for open_clip_train ('none': skip)")
     ap.add_argument("--profile", action="store_true", help="also time each loader alone and a step alone")
     ap.add_argument("--keep", type=Path, help="work in this directory and keep it (default: a temp dir)")
     args = ap.parse_args()
@@ -297,6 +326,7 @@ def main() -> None:
     samples = args.samples or int(need * 1.3) + args.batch_size * args.nproc * max(1, args.workers)
     shards = args.shards or max(4, 2 * max(1, args.workers) * args.nproc)
 
+    args.oc_overlay = openclip_deps(args.openclip_deps)
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-train-"))
     work.mkdir(parents=True, exist_ok=True)
     try:

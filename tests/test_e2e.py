@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.inspect import inspect_dataset
+from pipeline.inspect import format_report, inspect_dataset
 from pipeline.job import load_job
 from pipeline.runner import run_job
 from tests.conftest import free_port
@@ -38,7 +38,7 @@ def _demo_job(world_dir, port, out, *sets):
     return load_job(ROOT / "jobs/demo.yaml", [f"input.path={world_dir / 'urls.parquet'}",
                                               f"download.allow_hosts=[127.0.0.1:{port}]",
                                               "download.samples_per_shard=60", "download.timeout=2",
-                                              f"stages.3.balance.metadata={DEMO_METADATA}", *sets],
+                                              f"stages.2.balance.metadata={DEMO_METADATA}", *sets],
                     output=str(out))
 
 
@@ -48,7 +48,7 @@ def test_demo_job_every_fault_has_its_reason(world, tmp_path, ray_local):
     run_job(_demo_job(world_dir, port, out), progress=False)
     rep = inspect_dataset(str(out))
     assert rep["invariant_ok"], rep["problems"]
-    assert list(rep["stages"]) == ["download", "basic", "dedup"]
+    assert list(rep["stages"]) == ["download", "basic", "dedup", "balance"]
 
     truth = pq.read_table(world_dir / "truth.parquet").to_pylist()
     inputs = pa.concat_tables([pq.read_table(p) for p in sorted((out / "input").glob("0*.parquet"))]).to_pylist()
@@ -70,6 +70,15 @@ def test_demo_job_every_fault_has_its_reason(world, tmp_path, ray_local):
     # exact-duplicate images of the world are caught by dedup
     assert rep["stages"]["dedup"]["dropped"].get("duplicate_image", 0) > 0
     assert rep["stages"]["basic"]["dropped"].get("caption_language", 0) > 0
+    # MetaCLIP balancing flattens the world's head-heavy concepts: the head entries lose matches,
+    # the tail keeps its own, so matches spread more evenly (what `recap inspect` shows)
+    bal = rep["summaries"]["balance"]
+    assert rep["stages"]["balance"]["dropped"].get("balanced_out", 0) > 0
+    assert bal["after"]["flatness"] > bal["before"]["flatness"]
+    assert bal["after"]["tail_share"] > bal["before"]["tail_share"]
+    top = bal["top_entries"][0]
+    assert top["after"] / bal["after"]["matches"] < top["before"] / bal["before"]["matches"]
+    assert "entry counts before -> after" in format_report(rep)
 
 
 @pytest.mark.slow
@@ -80,7 +89,7 @@ def test_kill_9_then_resume_and_cpus_1_vs_2_are_byte_identical(world, tmp_path):
     def run(out, cpus, **kw):
         cmd = RECAP + ["run", str(ROOT / "jobs/demo.yaml"), "--set", f"input.path={world_dir / 'urls.parquet'}",
                        "--set", f"download.allow_hosts=[127.0.0.1:{port}]", "--set", "download.samples_per_shard=60",
-                       "--set", "download.timeout=2", "--set", f"stages.3.balance.metadata={DEMO_METADATA}",
+                       "--set", "download.timeout=2", "--set", f"stages.2.balance.metadata={DEMO_METADATA}",
                        "--output", str(out), "--cpus", str(cpus), "--quiet"]
         return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
 
