@@ -74,16 +74,36 @@ def read_texts(path: str, column: str = "caption") -> Iterator[str]:
                 if column not in (reader.fieldnames or []):
                     raise ValueError(f"{p}: no column {column!r}")
                 yield from (row[column] for row in reader if row.get(column))
-            elif ext == "jsonl":
-                for line in f:
-                    if line.strip():
-                        v = json.loads(line).get(column)
-                        if v:
-                            yield v
-            elif ext == "json":
-                yield from (r.get(column) for r in json.load(f) if isinstance(r, dict) and r.get(column))
+            elif ext in ("jsonl", "json"):
+                yield from _json_texts(p, f, column, lines=ext == "jsonl")
             else:
                 yield from (line.decode("utf-8", "replace").strip() for line in f if line.strip())
+
+
+def _json_texts(p: str, f, column: str, lines: bool) -> Iterator[str]:
+    """``column`` of each JSON object (one per line, or a JSON list); a bad record names its line."""
+    if lines:
+        records = ((n, line) for n, line in enumerate(f, 1) if line.strip())
+    else:
+        data = json.load(f)
+        if not isinstance(data, list):
+            raise ValueError(f"{p}: expected a JSON list of objects")
+        records = ((n, r) for n, r in enumerate(data, 1))
+    seen = False
+    for n, rec in records:
+        if lines:
+            try:
+                rec = json.loads(rec)
+            except ValueError as e:
+                raise ValueError(f"{p}:{n}: not JSON ({e})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{p}:{n}: expected a JSON object, got {type(rec).__name__}")
+        if column in rec:
+            seen = True
+            if isinstance(rec[column], str) and rec[column]:
+                yield rec[column]
+    if not seen:
+        raise ValueError(f"{p}: no record has a field {column!r}")
 
 
 def pmi_bigrams(texts: Iterable[str], min_count: int = 5, min_pmi: float = 3.0, max_bigrams: int | None = None) -> list[str]:
@@ -198,7 +218,10 @@ def metadata_cli(argv: list[str]) -> int:
     b.add_argument("--min-zipf", type=float, default=3.0, help="unigram frequency floor (Zipf scale; 3 = once per million words)")
     b.add_argument("--bigrams-from", metavar="PATH", help="corpus for PMI bigrams: parquet/csv/tsv/jsonl/json/txt, a dir or glob "
                                                           "(e.g. DATASET/input/*.parquet or the job's input.path)")
-    b.add_argument("--text-col", default="caption", help="text column of the bigram corpus (default caption)")
+    b.add_argument("--job", metavar="JOB.yaml", help="PMI bigrams from this job's own captions (its input.path and "
+                                                     "caption_col) unless --bigrams-from names another corpus")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the job's fields, as recap run")
+    b.add_argument("--text-col", default=None, help="text column of the bigram corpus (default caption)")
     b.add_argument("--min-count", type=int, default=5, help="bigram count floor")
     b.add_argument("--min-pmi", type=float, default=3.0, help="bigram PMI floor, natural log")
     b.add_argument("--max-bigrams", type=int, help="keep the top K bigrams by PMI")
@@ -206,8 +229,20 @@ def metadata_cli(argv: list[str]) -> int:
     b.add_argument("--no-numbers", action="store_true", help="leave out the numbers 0-99 upstream starts with")
     b.add_argument("--max-entries", type=int, help="cut the list (upstream: 500000)")
     args = p.parse_args(argv)
+    if args.job:
+        from pipeline.job import JobError, load_job
+
+        try:
+            job = load_job(args.job, args.set)
+        except JobError as e:
+            print(f"recap metadata: {e}", file=sys.stderr)
+            return 2
+        if not args.bigrams_from:
+            args.bigrams_from = job.input.path
+            args.text_col = args.text_col or job.input.caption_col
+    args.text_col = args.text_col or "caption"
     if not (args.wordnet or args.unigrams or args.bigrams_from or args.titles):
-        p.error("name at least one source: --wordnet [DIR], --unigrams, --bigrams-from PATH, --titles PATH")
+        p.error("name at least one source: --wordnet [DIR], --unigrams, --bigrams-from PATH (or --job JOB), --titles PATH")
     try:
         entries, where, problems = build(
             wordnet=args.wordnet, wordnet_kind=args.wordnet_names, unigrams=args.unigrams, min_zipf=args.min_zipf,

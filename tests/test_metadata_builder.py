@@ -146,3 +146,26 @@ def test_shipped_demo_metadata_is_the_builders_output(tmp_path):
     assert metadata_cli(["build", "--out", str(out), "--no-numbers", "--titles", str(titles)]) == 0
     shipped = Path(__file__).resolve().parent.parent / "jobs" / "demo-metadata.json"
     assert json.loads(out.read_text()) == json.loads(shipped.read_text())
+
+
+def test_bigrams_from_the_jobs_own_captions(tmp_path, capsys):
+    rows = ["new york city at night"] * 6 + ["the cat and the dog"] * 3 + ["x y"]
+    (tmp_path / "urls.jsonl").write_text("".join(json.dumps({"u": f"http://h/{i}", "alt": r}) + "\n"
+                                                 for i, r in enumerate(rows)))
+    job = tmp_path / "job.yaml"
+    job.write_text(f"name: j\nseed: 0\ninput: {{path: {tmp_path / 'urls.jsonl'}, url_col: u, caption_col: alt}}\n"
+                   f"output: {tmp_path / 'ds'}\nstages: []\n")
+    out = tmp_path / "m.json"
+    args = ["build", "--out", str(out), "--no-numbers", "--job", str(job), "--min-count", "3", "--min-pmi", "1",
+            "--max-bigrams", "2"]
+    assert metadata_cli(args) == 0
+    assert json.loads(out.read_text()) == ["and the", "cat and"]
+    # --set reaches the job as in recap run; a bad job is a clear error
+    assert metadata_cli(args + ["--set", "input.caption_col=nope"]) == 1
+    assert "urls.jsonl: no record has a field 'nope'" in capsys.readouterr().err
+    assert metadata_cli(["build", "--out", str(out), "--job", str(job), "--set", "seed=x"]) == 2
+    assert "seed" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"alt": "a b"}\n[1, 2]\n')
+    assert metadata_cli(["build", "--out", str(out), "--bigrams-from", str(bad), "--text-col", "alt"]) == 1
+    assert f"{bad}:2: expected a JSON object" in capsys.readouterr().err
