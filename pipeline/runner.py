@@ -127,17 +127,22 @@ def _stream(steps: list[StepSpec], n_shards: int, cpus_total: float) -> None:
     if not steps or n_shards == 0:
         return
     data = ray.data.from_items([{"shard": i} for i in range(n_shards)], override_num_blocks=n_shards)
+    # Actors hold their CPUs for the whole run: if every step's pool asked for a full share, a
+    # small cluster (--cpus 1) would deadlock with later steps waiting forever. So each actor gets
+    # at most an even share, and a task at most what the actors' first workers leave free.
+    actor_share = cpus_total / len(steps)
+    held = sum(min(_remote_args(s)["num_cpus"], actor_share) for s in steps if s.stage_cls.runs_as_actor())
+    task_cap = max(cpus_total - held, actor_share)
     for spec in steps:
         args = _remote_args(spec)
         if spec.stage_cls.runs_as_actor():
-            # Actors hold their CPUs for the whole run: if every step's pool asked for a full
-            # share, a small cluster (--cpus 1) would deadlock with later steps waiting forever.
-            args["num_cpus"] = min(args["num_cpus"], cpus_total / len(steps))
+            args["num_cpus"] = min(args["num_cpus"], actor_share)
             size = spec.config.concurrency or max(1, int(cpus_total // max(args["num_cpus"], 0.5)))
             data = data.map_batches(StepRunner, batch_size=1, batch_format="pyarrow",
                                     fn_constructor_kwargs={"spec": spec},
                                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size), **args)
         else:
+            args["num_cpus"] = min(args["num_cpus"], task_cap)
             data = data.map_batches(_run_step, batch_size=1, batch_format="pyarrow", fn_kwargs={"spec": spec}, **args)
     for _ in data.iter_batches(batch_size=None, batch_format="pyarrow"):
         pass

@@ -81,6 +81,20 @@ def test_demo_job_every_fault_has_its_reason(world, tmp_path, ray_local):
     assert "entry counts before -> after" in format_report(rep)
 
 
+def test_one_cpu_runs_the_demo_job_as_two(world, tmp_path, ray_local):
+    """--cpus 1: a task step beside an actor step in one streaming run (dedup's apply, then
+    balance's partial) must both get CPUs, or the run waits forever; the bytes equal a 2-CPU run."""
+    world_dir, port, _ = world
+    run_job(_demo_job(world_dir, port, tmp_path / "two"), progress=False)
+    cmd = RECAP + ["run", str(ROOT / "jobs/demo.yaml"), "--set", f"input.path={world_dir / 'urls.parquet'}",
+                   "--set", f"download.allow_hosts=[127.0.0.1:{port}]", "--set", "download.samples_per_shard=60",
+                   "--set", "download.timeout=2", "--set", f"stages.2.balance.metadata={DEMO_METADATA}",
+                   "--output", str(tmp_path / "one"), "--cpus", "1", "--quiet"]
+    p = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert digest(tmp_path / "one") == digest(tmp_path / "two")
+
+
 @pytest.mark.slow
 def test_kill_9_then_resume_and_cpus_1_vs_2_are_byte_identical(world, tmp_path):
     world_dir, port, _ = world
