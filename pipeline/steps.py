@@ -211,10 +211,11 @@ class StepRunner:
 
     def _ensure_stage(self) -> Stage:
         if self.stage is None:
-            self.stage = self.spec.stage_cls(self.spec.config, self.spec.context)
-            self.stage.setup()
+            stage = self.spec.stage_cls(self.spec.config, self.spec.context)
+            stage.setup()  # if it raises, the next shard tries again rather than using a half-set-up stage
             if self.spec.phase == "apply":
                 self.state = self.spec.dataset.read_json(f"stages/{self.spec.name}/state.json")["state"]
+            self.stage = stage
         return self.stage
 
     def close(self) -> None:

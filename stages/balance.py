@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline import rng
 from pipeline.stage import DETAIL, DROP, Stage, StageConfig
@@ -31,6 +31,20 @@ class BalanceConfig(StageConfig):
     english: str = Field("en", description="the language whose tail share sets the other languages' thresholds")
     drop: bool = Field(True, description="False keeps every matched sample with its balance_prob, for online balancing")
     solve_sample: int = Field(200_000, ge=1, description="match sets (whole dataset) sampled to solve t from target_size")
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_loads(cls, v: str) -> str:
+        # A local file is checked when the job is loaded, not on the first shard of a running job.
+        # (Remote URLs are read by the workers.)
+        if "://" not in v:
+            from metadata import MetadataError, load_entries
+
+            try:
+                load_entries(v)
+            except MetadataError as e:
+                raise ValueError(str(e)) from None
+        return v
 
     @model_validator(mode="after")
     def _one_threshold(self) -> BalanceConfig:

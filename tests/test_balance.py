@@ -209,3 +209,16 @@ def test_per_language_thresholds(tmp_path, ray_local, fake_stages):
         if cap.startswith("de: "):
             assert r["balance_prob"] == pytest.approx(1 - math.prod(1 - p_de[i] for i in _naive_match(cap)))
     assert inspect_dataset(str(tmp_path / "ds"))["invariant_ok"]
+
+
+def test_bad_metadata_is_a_job_error_naming_the_field(tmp_path):
+    from pipeline.job import JobError
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(["dog", 3]))
+    for meta, says in [(tmp_path / "none.json", "no such metadata file"), (bad, "item 1")]:
+        with pytest.raises(JobError) as e:
+            build_job({"name": "b", "seed": 0, "input": {"path": str(tmp_path / "u.parquet")}, "output": str(tmp_path / "o"),
+                       "stages": [{"balance": {"metadata": str(meta), "t": 5}}]}, "b.yaml")
+        assert "b.yaml" in str(e.value) and "stages" in str(e.value) and "metadata" in str(e.value)
+        assert str(meta) in str(e.value) and says in str(e.value), str(e.value)
