@@ -315,7 +315,11 @@ def main() -> None:
                     help="PYTHONPATH overlay with webdataset==0.2.86 for open_clip_train ('none': skip)")
     ap.add_argument("--profile", action="store_true", help="also time each loader alone and a step alone")
     ap.add_argument("--keep", type=Path, help="work in this directory and keep it (default: a temp dir)")
+    ap.add_argument("--_profile-only", nargs=2, metavar=("DATA", "N_SHARDS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args._profile_only:  # the profile's own process, with open_clip_train's webdataset first on the path
+        profile(args, Path(args._profile_only[0]), int(args._profile_only[1]))
+        return
     if args.precision is None:
         args.precision = "bf16" if args.device == "cuda" else "fp32"
     if args.device == "cpu" and args.precision != "fp32":
@@ -357,7 +361,10 @@ def main() -> None:
         print(f"\nratio recap/open_clip = {ratio:.2f} (steady, steps {args.warmup + 1}..{args.steps}; "
               f"end to end {best_wall['open_clip'] / best_wall['recap']:.2f}); goal >= 1.0")
         if args.profile:
-            profile(args, data, n_shards)
+            # open_clip's loader needs its webdataset (the overlay): time both loaders in a child
+            # process that has it first on sys.path (recap's reader does not use webdataset).
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--_profile-only",
+                            str(data), str(n_shards)], env=_env(args, args.oc_overlay), check=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

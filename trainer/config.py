@@ -50,6 +50,8 @@ class OptimConfig(_Strict):
     grad_clip: float | None = Field(1.0, gt=0)
     accum: int = Field(1, ge=1, description="gradient accumulation: micro-batches per optimizer step")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision on GPU (CPU runs fp32)")
+    fused: bool = Field(True, description="fused AdamW (one kernel over all parameters; CPU and CUDA): "
+                                          "5x faster steps than the per-tensor loop for small models")
 
 
 class TrainConfig(_Strict):

@@ -71,7 +71,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     groups = [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
               {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": cfg.optim.weight_decay}]
     o = cfg.optim
-    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps)
+    device = next(model.parameters()).device.type
+    return torch.optim.AdamW(groups, lr=o.lr, betas=o.betas, eps=o.eps, fused=o.fused and device in ("cpu", "cuda"))
 
 
 # -- one step's loss -----------------------------------------------------------------------------
