@@ -98,8 +98,10 @@ def _format_summary(name: str, summary: dict) -> list[str]:
     if "before" in summary and "after" in summary:  # an entry-distribution summary (balance)
         b, a = summary["before"], summary["after"]
         lines = [f"  {name}: entry counts before -> after (t = {summary['t']:g})"]
-        for key in ("matches", "entries_matched", "max_count", "head_share", "tail_share", "flatness"):
-            lines.append(f"      {key:<16} {b[key]!s:>10} -> {a[key]!s:<10}")
+        for key in ("matches", "entries_matched", "max_count", "head_share", "tail_share", "flatness",
+                    "samples_matched", "samples_in_tail"):
+            if key in b and key in a:
+                lines.append(f"      {key:<16} {b[key]!s:>10} -> {a[key]!s:<10}")
         buckets = sorted(set(b["count_histogram"]) | set(a["count_histogram"]), key=lambda k: int(k.split("-")[0].rstrip("+")))
         lines.append("      entries by count: " + "  ".join(
             f"{k}: {b['count_histogram'].get(k, 0)}->{a['count_histogram'].get(k, 0)}" for k in buckets))

@@ -18,6 +18,7 @@ from pydantic import Field, field_validator, model_validator
 
 from pipeline import rng
 from pipeline.stage import DETAIL, DROP, Stage, StageConfig
+from pipeline.steps import carry_rel
 
 
 class BalanceConfig(StageConfig):
@@ -222,16 +223,35 @@ class BalanceStage(Stage):
         state = dataset.read_json("stages/balance/state.json")["state"]
         n, t = int(state["n_entries"]), float(state["t"])
         before = _total(state)
+        tail = (before > 0) & (before < t)
         after = np.zeros(n, np.int64)
-        kept_matched = 0
+        samples = {"before": [0, 0], "after": [0, 0]}  # [samples with a match, of which with a tail entry]
         for shard in range(n_shards):
-            rel = Dataset.sidecar_rel("balance", shard)
-            if dataset.exists(rel):
+            for when, rel in (("before", carry_rel("balance", shard)), ("after", Dataset.sidecar_rel("balance", shard))):
+                if not dataset.exists(rel):
+                    continue
                 m = dataset.read_table(rel, columns=["matched_entries"]).column("matched_entries").combine_chunks()
-                after += np.bincount(_flat(m), minlength=n)[:n]
-                kept_matched += int(pc.sum(pc.greater(pc.list_value_length(m), 0)).as_py() or 0)
+                matched, in_tail = _tail_samples(m, tail)
+                samples[when][0] += matched
+                samples[when][1] += in_tail
+                if when == "after":
+                    after += np.bincount(_flat(m), minlength=n)[:n]
         names = {int(i): e for i, e in state["names"].items()}
-        return entry_distribution_summary(before, after, t, names, kept_matched)
+        out = entry_distribution_summary(before, after, t, names, samples["after"][0])
+        for when, (matched, in_tail) in samples.items():
+            out[when]["samples_matched"] = matched
+            # MetaCLIP's point: a tail concept's samples all stay, so their share grows
+            out[when]["samples_in_tail"] = round(in_tail / matched, 4) if matched else 0.0
+        return out
+
+
+def _tail_samples(matches: pa.ListArray, tail: np.ndarray) -> tuple[int, int]:
+    """(samples with any match, samples with at least one tail entry)."""
+    lengths = pc.list_value_length(matches).to_numpy(zero_copy_only=False)
+    lengths = np.nan_to_num(lengths.astype(float), nan=0).astype(np.int64)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    has_tail = np.bincount(rows, weights=tail[_flat(matches)], minlength=len(lengths)) > 0
+    return int((lengths > 0).sum()), int(has_tail.sum())
 
 
 def entry_distribution_summary(before: np.ndarray, after: np.ndarray, t: float, names: dict, kept_matched: int) -> dict:
