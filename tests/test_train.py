@@ -84,7 +84,7 @@ def test_tiny_model_learns_the_demo_world(tmp_path, worlds):
     assert r["image_to_text"]["R@10"] > base["image_to_text"]["R@10"] + 0.1
 
 
-def test_two_ranks_with_torchrun(tmp_path, worlds):
+def test_two_ranks_with_torchrun_and_ray_train(tmp_path, worlds):
     data, _ = worlds
     f = _cfg(tmp_path, data, steps=3, **{"data.batch_size": 8})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -94,6 +94,15 @@ def test_two_ranks_with_torchrun(tmp_path, worlds):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["world_size"] == 2 and out["step"] == 3
     assert (tmp_path / "run/checkpoints/step_3.pt").exists()
+
+    # the same two ranks on Ray Train's TorchTrainer (a local Ray, gloo) give the same parameters
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(f), "--ray", "--address", "local",
+                        "--num-workers", "2", "--output", str(tmp_path / "ray")], cwd=ROOT,
+                       env={**env, "RAY_USAGE_STATS_ENABLED": "0"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "world_size=2" in r.stdout + r.stderr
+    a, b = _params(tmp_path / "run", 3), _params(tmp_path / "ray", 3)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_empty_shard_list_fails_before_step_one(tmp_path):
