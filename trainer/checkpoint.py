@@ -105,7 +105,7 @@ def _parent(path: str) -> str:
 def save_checkpoint(path_or_url: str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scaler: Any = None, step: int, epoch: int, data_position: dict | None = None,
                     rng_states: bool = True, config: dict | None = None, name: str,
-                    extra: dict | None = None) -> str:
+                    extra: dict | None = None, heads: dict[str, torch.nn.Module] | None = None) -> str:
     """Write a checkpoint to ``path_or_url`` (atomically; see the module docstring) and update the
     ``latest`` pointer beside it. ``model`` may be DDP-wrapped. Returns the path written."""
     from trainer.models import text_context_length
@@ -126,6 +126,8 @@ def save_checkpoint(path_or_url: str, *, model: torch.nn.Module, optimizer: torc
     }
     if extra:
         payload["extra"] = _plain(extra)
+    if heads:  # trained beside the model (the short-tag head): kept out of state_dict, so open_clip still loads it
+        payload["heads"] = {k: {n: v.detach().cpu() for n, v in h.state_dict().items()} for k, h in heads.items()}
     fs, path = fsspec.core.url_to_fs(path_or_url)
     parent = _parent(path)
     if parent:
@@ -193,7 +195,8 @@ def read_state_dict(path_or_url: str) -> dict[str, torch.Tensor]:
 
 
 def load_checkpoint(path_or_url: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
-                    scaler: Any = None, restore_rng: bool = True) -> dict[str, Any]:
+                    scaler: Any = None, restore_rng: bool = True,
+                    heads: dict[str, torch.nn.Module] | None = None) -> dict[str, Any]:
     """Restore ``model`` (DDP-wrapped or not; strict), and the optimizer, scaler and RNG streams
     when given / asked and present in the file. Returns ``{step, epoch, data_position, config,
     name}`` (zeros / empty for a bare weights file)."""
@@ -202,6 +205,10 @@ def load_checkpoint(path_or_url: str, model: torch.nn.Module, optimizer: torch.o
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     _unwrap(model).load_state_dict(state, strict=True)
+    for k, h in (heads or {}).items():
+        if k not in (ckpt.get("heads") or {}):
+            raise ValueError(f"{path_or_url} has no {k!r} head to resume (it was trained without it)")
+        h.load_state_dict(ckpt["heads"][k], strict=True)
     if optimizer is not None:
         if ckpt.get("optimizer") is not None:
             optimizer.load_state_dict(ckpt["optimizer"])

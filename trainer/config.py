@@ -30,12 +30,21 @@ class ModelConfig(_Strict):
     grad_checkpointing: bool = False
 
 
+class ShortTagConfig(_Strict):
+    weight: float = Field(1.0, gt=0, description="added to the loss: weight x BCE over labelled (sample, tag) pairs")
+    vocab: str | None = Field(None, description="JSON list of tags; none: the most frequent short_positive tags of the data")
+    max_tags: int = Field(1000, ge=1, description="vocabulary size when made from the data")
+    min_count: int = Field(1, ge=1, description="samples a tag needs to enter a vocabulary made from the data")
+
+
 class LossConfig(_Strict):
     kind: Literal["clip", "siglip", "distill", "coca"] = "clip"
     lambda_distill: float = Field(1.0, ge=0, le=1, description="distill: weight of the KL term (MobileCLIP's λ)")
     teacher_logit_scale: float = Field(100.0, gt=0)
     teacher_dims: list[int] | None = Field(None, description="distill: the teachers' embedding dims expected in the shards")
     hard_negatives: bool = Field(False, description="append neg_text_short embeddings as extra text columns (NegCLIP)")
+    short_tags: ShortTagConfig | None = Field(None, description="HQ-CLIP's short-tag loss: a multi-label head on the "
+                                                                 "image embedding over syn.json's short_positive / short_negative")
     caption_loss_weight: float = 2.0
     clip_loss_weight: float = 1.0
 

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from pipeline import rng
 from pipeline.reinforced import (PLAIN_AUG, ReinforcedConfig, ReinforcedFormatError, apply_param_aug, check_param,
                                  decode_sample, find_config, iter_raw, list_shards, read_sizes, sample_param_aug)
+from trainer.tags import tag_ids
 
 # open_clip.constants.OPENAI_DATASET_MEAN / _STD (copied: importing open_clip costs seconds per worker)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -54,7 +55,7 @@ class ReinforcedDataset(IterableDataset):
     ``text_index`` (0 = GT, k = syn_text[k-1]), ``text_source``; with ``use_teacher``:
     ``teacher_image`` [D], ``teacher_text`` [D]; with ``hard_negatives``: ``neg_text`` [0 or 1, ctx]
     (one negative, preferring those made from the chosen text) and with a teacher ``teacher_neg_text``
-    [0 or 1, D].
+    [0 or 1, D]; with ``tag_index`` (HQ-CLIP short tags): ``tag_pos`` and ``tag_neg``, lists of tag ids.
 
     ``stats`` counts skipped samples and damaged shards by reason (in the process that iterates;
     through ``make_loader`` worker counts are merged back at the end of each worker's stream)."""
@@ -66,7 +67,7 @@ class ReinforcedDataset(IterableDataset):
                  use_teacher: bool = False, hard_negatives: bool = False, resampled: bool = False,
                  expected_dim: int | None = None, shuffle_buffer: int = 1000, shuffle_shards: bool = True,
                  samples_per_epoch: int | None = None, mean: Sequence[float] = OPENAI_MEAN,
-                 std: Sequence[float] = OPENAI_STD):
+                 std: Sequence[float] = OPENAI_STD, tag_index: dict[str, int] | None = None):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -102,6 +103,7 @@ class ReinforcedDataset(IterableDataset):
         self.resampled, self.expected_dim = resampled, expected_dim
         self.shuffle_buffer, self.shuffle_shards, self.samples_per_epoch = shuffle_buffer, shuffle_shards, samples_per_epoch
         self._mean, self._std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        self.tag_index = tag_index
         self.required = ("jpg", "txt", "json") if self.reinforced else ("jpg", "txt")
         self.stats: Counter = Counter()
 
@@ -273,6 +275,8 @@ class ReinforcedDataset(IterableDataset):
         if self.use_teacher:
             out["teacher_image"] = torch.from_numpy(np.asarray(s["image_emb"][k], dtype=np.float32))
             out["teacher_text"] = torch.from_numpy(np.asarray(s["text_emb"][t], dtype=np.float32))
+        if self.tag_index is not None:
+            out["tag_pos"], out["tag_neg"] = tag_ids(s.get("syn"), self.tag_index)
         if self.hard_negatives:
             neg = s.get("neg") or {}
             short = neg.get("neg_text_short") if isinstance(neg.get("neg_text_short"), list) else []

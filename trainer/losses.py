@@ -395,10 +395,12 @@ class ShortTagLoss(_Distributed):
     """
 
     def __init__(self, embed_dim: int, num_tags: int, rank: int = 0, world_size: int = 1, weight: float = 1.0,
-                 group=None):
+                 group=None, input_scale: float = 1.0):
         super().__init__(rank, world_size, group)
         self.head = nn.Linear(embed_dim, num_tags)
-        self.num_tags, self.weight = num_tags, weight
+        # CLIP features are L2-normalised (components ~ 1/sqrt(D)): sqrt(D) gives the head unit-scale
+        # inputs, so it learns at the optimiser's lr instead of sqrt(D) times slower
+        self.num_tags, self.weight, self.input_scale = num_tags, weight, float(input_scale)
 
     def make_targets(self, positive_ids, negative_ids, batch: int, device=None) -> torch.Tensor:
         """[B, num_tags] targets from ragged id lists: 1 positive, 0 negative, -1 ignored."""
@@ -420,7 +422,7 @@ class ShortTagLoss(_Distributed):
             targets = self.make_targets(positive_ids, negative_ids, image_features.shape[0], image_features.device)
         elif targets.shape != (image_features.shape[0], self.num_tags):
             raise ValueError(f"targets must be [{image_features.shape[0]}, {self.num_tags}], got {tuple(targets.shape)}")
-        logits = self.head(image_features)
+        logits = self.head(image_features * self.input_scale if self.input_scale != 1.0 else image_features)
         mask = targets >= 0
         n_local = int(mask.sum())
         n_global = n_local if self.world_size == 1 else sum(c[0] for c in self._counts([n_local], logits.device))

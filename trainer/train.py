@@ -80,7 +80,7 @@ def _to(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-def compute_loss(model, loss_fn, batch: dict, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def compute_loss(model, loss_fn, batch: dict, cfg: TrainConfig, tag_loss=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward the batch and return (total, terms). Negative texts ride along in the same text
     forward (one DDP forward per step), then are split off as extra logits columns."""
     images, texts = batch["image"], batch["text"]
@@ -109,6 +109,9 @@ def compute_loss(model, loss_fn, batch: dict, cfg: TrainConfig) -> tuple[torch.T
             terms = loss_fn(out["image_features"], txt, out["logit_scale"], output_dict=True, **kwargs)
     if not isinstance(terms, dict):
         terms = {"loss": terms}
+    if tag_loss is not None:
+        terms.update(tag_loss(out["image_features"], positive_ids=batch["tag_pos"], negative_ids=batch["tag_neg"],
+                              output_dict=True))
     return sum(terms.values()), terms
 
 
@@ -172,7 +175,8 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
                                           context_length=cfg.model.context_length, device=str(device), output_dict=True)
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    optimizer = make_optimizer(model, cfg)
+    tag_loss, heads = _short_tags(cfg, model, rank, world, device)
+    optimizer = make_optimizer(torch.nn.ModuleDict({"model": model, **heads}) if heads else model, cfg)
     use_amp = device.type == "cuda" and cfg.optim.precision != "fp32"
     amp_dtype = torch.bfloat16 if cfg.optim.precision == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda") if use_amp and cfg.optim.precision == "fp16" else None
@@ -180,7 +184,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
     step, epoch, consumed = 0, 0, 0
     ckpt = latest_checkpoint(cfg.output) if resume == "latest" else resume
     if ckpt:
-        state = load_checkpoint(ckpt, model, optimizer, scaler)
+        state = load_checkpoint(ckpt, model, optimizer, scaler, heads=heads)
         step, epoch = int(state["step"]), int(state["epoch"])
         consumed = int(state.get("data_position", {}).get("batches", 0))
         if rank == 0:
@@ -196,7 +200,8 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
                                  image_size=_image_size(model), tokenizer=tokenizer, text_choice=cfg.data.text_choice,
                                  syn_weights=cfg.data.syn_weights, online_balance=cfg.data.online_balance,
                                  use_teacher=cfg.loss.kind == "distill", hard_negatives=cfg.loss.hard_negatives,
-                                 resampled=cfg.data.resampled, expected_dim=dim)
+                                 resampled=cfg.data.resampled, expected_dim=dim,
+                                 tag_index=tag_loss.index if tag_loss is not None else None)
 
     first = dataset(epoch)  # bad data (no shards, wrong embedding dims) fails here, before step 1
     opts = _loss_options(cfg)
@@ -229,7 +234,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
                 batch = _to(batch, device)
                 sync = nullcontext() if (world == 1 or i == len(micro) - 1) else ddp.no_sync()
                 with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    total, terms = compute_loss(ddp, loss_fn, batch, cfg)
+                    total, terms = compute_loss(ddp, loss_fn, batch, cfg, tag_loss)
                     total = total / len(micro)
                 finite = finite and bool(torch.isfinite(total).item())
                 if not finite:
@@ -244,10 +249,14 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
                 metrics.close()
                 raise NonFiniteLoss(f"non-finite loss at step {step + 1}; batch uids and loss terms written to "
                                     f"{cfg.output}/nonfinite_step_{step + 1}_rank*.json")
+            if heads and world > 1:  # DDP averages the model's gradients; the heads live outside it
+                for p in (p for h in heads.values() for p in h.parameters() if p.grad is not None):
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
             if scaler:
                 scaler.unscale_(optimizer)
             if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], cfg.optim.grad_clip)
             (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
@@ -265,7 +274,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
                     save_checkpoint(f"{cfg.output.rstrip('/')}/checkpoints/step_{step}.pt", model=model,
                                     optimizer=optimizer, scaler=scaler, step=step, epoch=epoch,
                                     data_position={"epoch": epoch, "batches": consumed}, config=cfg.model_dump(),
-                                    name=cfg.model.name)
+                                    name=cfg.model.name, heads=heads)
                 if dist.is_initialized():
                     dist.barrier()
         else:
@@ -282,6 +291,26 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
 def _image_size(model) -> int:
     size = getattr(getattr(model, "visual", None), "image_size", 224)
     return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def _short_tags(cfg: TrainConfig, model, rank: int, world: int, device: torch.device):
+    """HQ-CLIP's short-tag loss and its head, or (None, {}); the vocabulary goes to OUTPUT/tag_vocab.json."""
+    st = cfg.loss.short_tags
+    if st is None:
+        return None, {}
+    from pipeline.reinforced import list_shards
+    from trainer.losses import ShortTagLoss
+    from trainer.tags import build_tag_vocab, load_tag_vocab
+
+    vocab = load_tag_vocab(st.vocab) if st.vocab else build_tag_vocab(list_shards(cfg.data.path), st.max_tags, st.min_count)
+    if rank == 0:
+        with fsspec.open(f"{cfg.output.rstrip('/')}/tag_vocab.json", "w", encoding="utf-8") as f:
+            json.dump(vocab, f, ensure_ascii=False)
+    torch.manual_seed(cfg.seed + 1)  # the head's init: the same on every rank, whatever the model drew
+    dim = model.visual.output_dim
+    loss = ShortTagLoss(dim, len(vocab), rank=rank, world_size=world, weight=st.weight, input_scale=math.sqrt(dim)).to(device)
+    loss.index = {t: i for i, t in enumerate(vocab)}
+    return loss, {"short_tags": loss}
 
 
 def _loss_options(cfg: TrainConfig) -> dict:
