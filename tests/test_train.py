@@ -154,6 +154,7 @@ def test_distillation_with_synthetic_texts_negatives_and_online_balancing(tmp_pa
     f = _cfg(tmp_path, data, steps=3, **{"data.batch_size": 8, "data.text_choice": "uniform",
                                          "data.online_balance": True, "loss.kind": "distill",
                                          "loss.lambda_distill": 0.7, "loss.hard_negatives": True,
+                                         "data.image_hard_negatives": 1, "data.shuffle_buffer": 50,
                                          "loss.teacher_dims": [16, 8]})
     summary = train(load_train_config(f))
     assert summary["step"] == 3

@@ -21,6 +21,9 @@ class DataConfig(_Strict):
     resampled: bool = False
     batch_size: int = Field(32, ge=1, description="per rank")
     workers: int = Field(0, ge=0, description="DataLoader workers per rank")
+    image_hard_negatives: int = Field(0, ge=0, description="pull up to this many of each sample's neg.hard_neg_uids "
+                                                           "(kNN image neighbours) into its batch, from the shuffle buffer")
+    shuffle_buffer: int = Field(1000, ge=1, description="samples per DataLoader worker in the shuffle buffer")
 
 
 class ModelConfig(_Strict):

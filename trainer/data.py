@@ -67,7 +67,8 @@ class ReinforcedDataset(IterableDataset):
                  use_teacher: bool = False, hard_negatives: bool = False, resampled: bool = False,
                  expected_dim: int | None = None, shuffle_buffer: int = 1000, shuffle_shards: bool = True,
                  samples_per_epoch: int | None = None, mean: Sequence[float] = OPENAI_MEAN,
-                 std: Sequence[float] = OPENAI_STD, tag_index: dict[str, int] | None = None):
+                 std: Sequence[float] = OPENAI_STD, tag_index: dict[str, int] | None = None,
+                 image_hard_negatives: int = 0):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -104,6 +105,7 @@ class ReinforcedDataset(IterableDataset):
         self.shuffle_buffer, self.shuffle_shards, self.samples_per_epoch = shuffle_buffer, shuffle_shards, samples_per_epoch
         self._mean, self._std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
         self.tag_index = tag_index
+        self.image_hard_negatives = int(image_hard_negatives)
         self.required = ("jpg", "txt", "json") if self.reinforced else ("jpg", "txt")
         self.stats: Counter = Counter()
 
@@ -181,10 +183,13 @@ class ReinforcedDataset(IterableDataset):
     def iter_samples(self, stats: Counter) -> Iterator[dict]:
         worker, _ = self._slot()
         g = rng.generator(self.seed, f"train/shuffle/{self.epoch}", f"{self.rank}/{worker}")
-        buf: list[dict] = []
         budget = None
         if self.samples_per_epoch is not None:
             budget = math.ceil(self.samples_per_epoch / (self.world_size * self._slot()[1]))
+        if self.image_hard_negatives:
+            yield from self._iter_with_neighbours(stats, g, budget)
+            return
+        buf: list[dict] = []
         n = 0
         for s in self._raw(stats):
             if len(buf) < max(1, self.shuffle_buffer):
@@ -201,6 +206,60 @@ class ReinforcedDataset(IterableDataset):
         for k in g.permutation(len(buf)):
             out = self.prepare(buf[int(k)], stats)
             if out is not None:
+                yield out
+                n += 1
+                if budget is not None and n >= budget:
+                    return
+
+    def _iter_with_neighbours(self, stats: Counter, g, budget: int | None) -> Iterator[dict]:
+        """The shuffle buffer, but each drawn sample brings up to ``image_hard_negatives`` of its
+        ``neg.hard_neg_uids`` (kNN image neighbours, nearest first) that are in the buffer right
+        behind it, so they share its batch: image hard negatives (one level, never a sample twice).
+        Neighbours outside this worker's buffer are not fetched; ``stats`` counts pulled and missed."""
+        buf: list[dict] = []
+        where: dict[str, int] = {}
+        size = max(1, self.shuffle_buffer)
+
+        def take(k: int) -> dict:
+            s, last = buf[k], buf.pop()
+            if k < len(buf):
+                buf[k] = last
+                where[last["uid"]] = k
+            where.pop(s["uid"], None)
+            return s
+
+        def emit(s: dict) -> Iterator[dict]:
+            out = self.prepare(s, stats)
+            if out is None:
+                return
+            yield out
+            neg = s.get("neg") if isinstance(s.get("neg"), dict) else {}
+            uids = neg.get("hard_neg_uids") if isinstance(neg.get("hard_neg_uids"), list) else []
+            pulled = 0
+            for u in uids:
+                if pulled >= self.image_hard_negatives:
+                    break
+                k = where.get(u) if isinstance(u, str) else None
+                if k is None or buf[k]["uid"] != u:
+                    stats["hard_neg_not_in_buffer"] += 1
+                    continue
+                nb = self.prepare(take(k), stats)
+                if nb is not None:
+                    pulled += 1
+                    stats["hard_neg_pulled"] += 1
+                    yield nb
+
+        n = 0
+        stream = self._raw(stats)
+        while True:
+            for s in stream:  # refill: neighbours taken out leave room
+                where[s["uid"]] = len(buf)
+                buf.append(s)
+                if len(buf) > size:
+                    break
+            if not buf:
+                return
+            for out in emit(take(int(g.integers(len(buf))))):
                 yield out
                 n += 1
                 if budget is not None and n >= budget:

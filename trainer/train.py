@@ -201,7 +201,9 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
                                  syn_weights=cfg.data.syn_weights, online_balance=cfg.data.online_balance,
                                  use_teacher=cfg.loss.kind == "distill", hard_negatives=cfg.loss.hard_negatives,
                                  resampled=cfg.data.resampled, expected_dim=dim,
-                                 tag_index=tag_loss.index if tag_loss is not None else None)
+                                 tag_index=tag_loss.index if tag_loss is not None else None,
+                                 image_hard_negatives=cfg.data.image_hard_negatives,
+                                 shuffle_buffer=cfg.data.shuffle_buffer)
 
     first = dataset(epoch)  # bad data (no shards, wrong embedding dims) fails here, before step 1
     opts = _loss_options(cfg)

@@ -1,0 +1,60 @@
+"""Image hard negatives: a sample's kNN neighbours (neg.hard_neg_uids) land in its batch."""
+from collections import Counter
+
+import pytest
+
+from pipeline.reinforced import ReinforcedWriter, make_fixture
+from trainer.data import ReinforcedDataset, make_loader
+
+
+@pytest.fixture(scope="module")
+def knn(tmp_path_factory):
+    """60 samples in 3 shards; sample i's neighbours are i+7 and i+13 (mod 60), nearest first."""
+    base = tmp_path_factory.mktemp("knn")
+    fx = make_fixture(str(base / "fx"), n_samples=60, n_shards=1, dims=(), seed=5, n_aug=1, n_syn=0, n_neg=0)
+    uids = fx["uids"]
+    samples = []
+    for i, u in enumerate(uids):
+        s = dict(fx["samples"][u])
+        s["neg"] = {"neg_text_short": [], "hard_neg_uids": [uids[(i + 7) % 60], uids[(i + 13) % 60], "not-a-uid"],
+                    "hard_neg_sims": [0.9, 0.8, 0.7]}
+        samples.append(s)
+    with ReinforcedWriter(str(base / "ds"), fx["config"]) as w:
+        for k in range(3):
+            w.write_shard(k, samples[k * 20:(k + 1) * 20])
+    return base / "ds", uids
+
+
+def _batches(ds_path, k, epoch=0, buffer=100, workers=0):
+    ds = ReinforcedDataset(str(ds_path), epoch=epoch, seed=1, image_size=32, image_hard_negatives=k,
+                           shuffle_buffer=buffer)
+    return [b["uid"] for b in make_loader(ds, 6, workers, drop_last=False)], ds
+
+
+def test_neighbours_share_the_batch(knn):
+    path, uids = knn
+    nxt = {u: {uids[(i + 7) % 60], uids[(i + 13) % 60]} for i, u in enumerate(uids)}
+    with_nb, ds = _batches(path, 1)
+    without, _ = _batches(path, 0)
+
+    def together(batches):  # anchors whose first neighbour sits in the same batch
+        return sum(1 for b in batches for u in b if uids[(uids.index(u) + 7) % 60] in b)
+
+    # every sample once per epoch, whatever the pulling
+    for batches in (with_nb, without):
+        assert Counter(u for b in batches for u in b) == Counter(uids)
+    assert ds.stats["hard_neg_pulled"] > 15 and ds.stats["hard_neg_not_in_buffer"] > 0
+    assert together(with_nb) >= 2 * together(without) + 10
+    # a pulled sample directly follows its anchor, and is one of the anchor's neighbours
+    flat = [u for b in with_nb for u in b]
+    assert sum(1 for a, b in zip(flat, flat[1:]) if b in nxt[a]) >= ds.stats["hard_neg_pulled"]
+    # deterministic for (seed, epoch); another epoch, another order
+    assert _batches(path, 1)[0] == with_nb
+    assert _batches(path, 1, epoch=1)[0] != with_nb
+
+
+def test_two_neighbours_and_workers(knn):
+    path, uids = knn
+    batches, ds = _batches(path, 2, buffer=8, workers=2)
+    assert Counter(u for b in batches for u in b) == Counter(uids)
+    assert _batches(path, 2, buffer=8, workers=2)[0] == batches
