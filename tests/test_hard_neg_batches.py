@@ -58,3 +58,17 @@ def test_two_neighbours_and_workers(knn):
     batches, ds = _batches(path, 2, buffer=8, workers=2)
     assert Counter(u for b in batches for u in b) == Counter(uids)
     assert _batches(path, 2, buffer=8, workers=2)[0] == batches
+
+
+def test_long_negatives_ride_along(tmp_path):
+    fx = make_fixture(str(tmp_path / "ds"), n_samples=6, n_shards=1, dims=(), seed=3, n_aug=1, n_syn=1, n_neg=2)
+    short = ReinforcedDataset(str(tmp_path / "ds"), image_size=32, hard_negatives=True)
+    both = ReinforcedDataset(str(tmp_path / "ds"), image_size=32, hard_negatives=True, long_negatives=True)
+    a = {s["uid"]: s for s in short.iter_samples(Counter())}
+    b = {s["uid"]: s for s in both.iter_samples(Counter())}
+    assert a.keys() == b.keys() == set(fx["uids"])
+    for uid, s in b.items():
+        neg = fx["samples"][uid]["neg"]
+        assert len(a[uid]["neg_text"]) == 1 and s["neg_text"][0] == a[uid]["neg_text"][0]
+        k = neg["neg_text_short"].index(s["neg_text"][0])
+        assert s["neg_text"][1:] == [neg["neg_text_long"][k]]  # the long form of the same negative

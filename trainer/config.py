@@ -46,6 +46,8 @@ class LossConfig(_Strict):
     teacher_logit_scale: float = Field(100.0, gt=0)
     teacher_dims: list[int] | None = Field(None, description="distill: the teachers' embedding dims expected in the shards")
     hard_negatives: bool = Field(False, description="append neg_text_short embeddings as extra text columns (NegCLIP)")
+    long_negatives: bool = Field(False, description="with hard_negatives: also the long negative (neg_text_long, or "
+                                                    "HQ-CLIP's long_negative) as one more column")
     short_tags: ShortTagConfig | None = Field(None, description="HQ-CLIP's short-tag loss: a multi-label head on the "
                                                                  "image embedding over syn.json's short_positive / short_negative")
     caption_loss_weight: float = 2.0

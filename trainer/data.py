@@ -55,7 +55,8 @@ class ReinforcedDataset(IterableDataset):
     ``text_index`` (0 = GT, k = syn_text[k-1]), ``text_source``; with ``use_teacher``:
     ``teacher_image`` [D], ``teacher_text`` [D]; with ``hard_negatives``: ``neg_text`` [0 or 1, ctx]
     (one negative, preferring those made from the chosen text) and with a teacher ``teacher_neg_text``
-    [0 or 1, D]; with ``tag_index`` (HQ-CLIP short tags): ``tag_pos`` and ``tag_neg``, lists of tag ids.
+    [0 or 1, D] (with ``long_negatives``, the chosen negative's ``neg_text_long``, or syn.json's
+    ``long_negative``, is one more ``neg_text`` row); with ``tag_index`` (HQ-CLIP short tags): ``tag_pos`` and ``tag_neg``, lists of tag ids.
 
     ``stats`` counts skipped samples and damaged shards by reason (in the process that iterates;
     through ``make_loader`` worker counts are merged back at the end of each worker's stream)."""
@@ -68,7 +69,7 @@ class ReinforcedDataset(IterableDataset):
                  expected_dim: int | None = None, shuffle_buffer: int = 1000, shuffle_shards: bool = True,
                  samples_per_epoch: int | None = None, mean: Sequence[float] = OPENAI_MEAN,
                  std: Sequence[float] = OPENAI_STD, tag_index: dict[str, int] | None = None,
-                 image_hard_negatives: int = 0):
+                 image_hard_negatives: int = 0, long_negatives: bool = False):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -106,6 +107,7 @@ class ReinforcedDataset(IterableDataset):
         self._mean, self._std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
         self.tag_index = tag_index
         self.image_hard_negatives = int(image_hard_negatives)
+        self.long_negatives = bool(long_negatives)
         self.required = ("jpg", "txt", "json") if self.reinforced else ("jpg", "txt")
         self.stats: Counter = Counter()
 
@@ -348,6 +350,12 @@ class ReinforcedDataset(IterableDataset):
                 cand = mine or cand
             chosen = [cand[min(int(_u(self.seed, "neg", self.epoch, uid) * len(cand)), len(cand) - 1)]] if cand else []
             negs = [str(short[i]) for i in chosen]
+            if self.long_negatives:  # HQ-CLIP: the long description's negative rides along
+                longs = neg.get("neg_text_long")
+                if isinstance(longs, list) and len(longs) == len(short):
+                    negs += [str(longs[i]) for i in chosen if isinstance(longs[i], str) and longs[i].strip()]
+                elif isinstance(syn.get("long_negative"), str) and syn["long_negative"].strip():
+                    negs.append(syn["long_negative"])
             if self.tokenizer is None:
                 out["neg_text"] = negs
             elif negs:

@@ -203,6 +203,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
                                  resampled=cfg.data.resampled, expected_dim=dim,
                                  tag_index=tag_loss.index if tag_loss is not None else None,
                                  image_hard_negatives=cfg.data.image_hard_negatives,
+                                 long_negatives=cfg.loss.hard_negatives and cfg.loss.long_negatives,
                                  shuffle_buffer=cfg.data.shuffle_buffer)
 
     first = dataset(epoch)  # bad data (no shards, wrong embedding dims) fails here, before step 1
