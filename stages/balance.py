@@ -107,9 +107,16 @@ class BalanceStage(Stage):
         self._probs: dict[str, np.ndarray] = {}
 
     def _matches(self, batch: pa.Table) -> pa.ListArray:
-        col = batch.column(self.config.text_column)
-        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-            col = pc.cast(col, pa.string())
+        name = self.config.text_column
+        col = batch.column(name)
+        if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+            # bytes that are not UTF-8 still match on what decodes (U+FFFD for the rest)
+            col = pa.array([None if b is None else b.decode("utf-8", "replace") for b in col.to_pylist()], pa.string())
+        elif not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+            try:
+                col = pc.cast(col, pa.string())
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                raise ValueError(f"balance.text_column {name!r} is {col.type}, not text") from None
         return self.matcher.match_arrow(col)
 
     def _langs(self, batch: pa.Table) -> np.ndarray:

@@ -231,3 +231,19 @@ def test_bad_metadata_is_a_job_error_naming_the_field(tmp_path):
                        "stages": [{"balance": {"metadata": str(meta), "t": 5}}]}, "b.yaml")
         assert "b.yaml" in str(e.value) and "stages" in str(e.value) and "metadata" in str(e.value)
         assert str(meta) in str(e.value) and says in str(e.value), str(e.value)
+
+
+def test_text_column_of_bytes_or_not_text(tmp_path):
+    """A bytes column (say, a raw caption with bad UTF-8) matches on what decodes; a column that is
+    not text is an error naming it."""
+    from pipeline.stage import StageContext
+    from stages.balance import BalanceConfig, BalanceStage
+
+    meta = tmp_path / "m.json"
+    meta.write_text(json.dumps(["dog", "café"]))
+    st = BalanceStage(BalanceConfig(metadata=str(meta), t=1, text_column="raw"), StageContext("j", 0, "balance", str(tmp_path), 3))
+    st.setup()
+    t = pa.table({"uid": ["a", "b", "c"], "raw": pa.array([b"a dog", b"\xff\xfe dog caf\xc3\xa9", None], pa.binary())})
+    assert st._matches(t).to_pylist() == [[0], [0, 1], []]
+    with pytest.raises(ValueError, match="balance.text_column 'raw' is list"):
+        st._matches(pa.table({"uid": ["a"], "raw": pa.array([[1]])}))
