@@ -72,3 +72,38 @@ def test_long_negatives_ride_along(tmp_path):
         assert len(a[uid]["neg_text"]) == 1 and s["neg_text"][0] == a[uid]["neg_text"][0]
         k = neg["neg_text_short"].index(s["neg_text"][0])
         assert s["neg_text"][1:] == [neg["neg_text_long"][k]]  # the long form of the same negative
+
+
+def test_distill_kl_sees_the_teachers_negatives(tmp_path):
+    """With stored neg_text_emb, the distillation KL covers the negative columns too (same rows as
+    the student's negatives); with long negatives (no teacher rows) only the CLIP term sees them."""
+    import torch
+    import yaml
+
+    from trainer.config import load_train_config
+    from trainer.data import collate
+    from trainer.losses import DistillClipLoss
+    from trainer.models import create_model
+    from trainer.train import compute_loss
+
+    make_fixture(str(tmp_path / "ds"), n_samples=8, n_shards=1, dims=(16,), seed=3, n_aug=1, n_syn=1, n_neg=2)
+    model, _, _, tok = create_model("recap-tiny", output_dict=True)
+    (tmp_path / "t.yaml").write_text(yaml.safe_dump({
+        "name": "n", "output": str(tmp_path / "run"), "steps": 1, "data": {"path": str(tmp_path / "ds")},
+        "loss": {"kind": "distill", "hard_negatives": True, "lambda_distill": 1.0}}))
+    cfg = load_train_config(tmp_path / "t.yaml")
+    ds = ReinforcedDataset(str(tmp_path / "ds"), image_size=64, tokenizer=tok, use_teacher=True, hard_negatives=True)
+    batch = collate(list(ds.iter_samples(Counter())))
+    assert batch["teacher_neg_text"].shape[0] == batch["neg_text"].shape[0] == 8
+    loss_fn = DistillClipLoss(lambda_distill=1.0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        _, terms = compute_loss(model, loss_fn, batch, cfg)
+        out = model(batch["image"], torch.cat([batch["text"], batch["neg_text"]]))
+        args = (out["image_features"], out["text_features"][:8], out["logit_scale"])
+        kw = dict(teacher_image_features=batch["teacher_image"], teacher_text_features=batch["teacher_text"],
+                  negative_text_features=out["text_features"][8:], output_dict=True)
+        want = loss_fn(*args, teacher_negative_text_features=batch["teacher_neg_text"], **kw)
+        without = loss_fn(*args, **kw)
+    assert torch.allclose(terms["distill_loss"], want["distill_loss"], rtol=1e-5)
+    assert not torch.allclose(want["distill_loss"], without["distill_loss"], rtol=1e-3)

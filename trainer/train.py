@@ -102,6 +102,12 @@ def compute_loss(model, loss_fn, batch: dict, cfg: TrainConfig, tag_loss=None) -
         if kind == "siglip":
             terms = loss_fn(out["image_features"], txt, out["logit_scale"], out["logit_bias"], output_dict=True, **kwargs)
         elif kind == "distill":
+            t_neg = batch.get("teacher_neg_text")
+            if "negative_text_features" in kwargs and t_neg is not None \
+                    and t_neg.shape[0] == kwargs["negative_text_features"].shape[0]:
+                # the teacher scores the same negatives (neg_text_emb), so they enter the KL too;
+                # long negatives have no teacher rows, and then only the CLIP term sees negatives
+                kwargs["teacher_negative_text_features"] = t_neg
             terms = loss_fn(out["image_features"], txt, out["logit_scale"],
                             teacher_image_features=batch["teacher_image"], teacher_text_features=batch["teacher_text"],
                             output_dict=True, **kwargs)
