@@ -9,6 +9,7 @@ match sets; reduce → ``entry_counts.json`` (MetaCLIP's dict), t (given, or sol
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -45,6 +46,8 @@ class BalanceConfig(StageConfig):
                 load_entries(v)
             except MetadataError as e:
                 raise ValueError(str(e)) from None
+            # absolute, so workers whose working directory differs (a Ray cluster) read the same file
+            v = str(Path(v).resolve())
         return v
 
     @model_validator(mode="after")
