@@ -190,3 +190,22 @@ def test_coca_loss_with_a_clip_model_is_a_config_error(tmp_path, worlds):
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(f)], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "coca" in r.stderr
+
+
+def test_wandb_logging_or_a_clear_error(tmp_path, worlds):
+    """`wandb:` in the train file: offline W&B logging where wandb is installed, else an error before step 1."""
+    import importlib.util
+
+    data, _ = worlds
+    f = _cfg(tmp_path, data, steps=2, **{"wandb.project": "recap-test", "wandb.mode": "offline"})
+    cfg = load_train_config(f)
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(ValueError, match="pip install wandb"):
+            train(cfg)
+        assert not (tmp_path / "run/metrics.csv").exists()
+        r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(f)], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 1 and "pip install wandb" in r.stderr
+    else:  # offline: nothing leaves the machine
+        assert train(cfg)["step"] == 2
+        assert (tmp_path / "run/wandb").is_dir()

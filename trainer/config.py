@@ -68,6 +68,13 @@ class OptimConfig(_Strict):
                                           "5x faster steps than the per-tensor loop for small models")
 
 
+class WandbConfig(_Strict):
+    project: str
+    entity: str | None = None
+    mode: Literal["online", "offline", "disabled"] = "online"
+    tags: list[str] = Field(default_factory=list)
+
+
 class TrainConfig(_Strict):
     name: str = "train"
     seed: int = 0
@@ -82,7 +89,8 @@ class TrainConfig(_Strict):
     optim: OptimConfig = OptimConfig()
     eval_data: str | None = Field(None, description="labelled set for `recap eval` after training")
     tensorboard: bool = True
-    wandb: str | None = Field(None, description="a wandb project name (optional)")
+    wandb: WandbConfig | None = Field(None, description="also log to Weights & Biases (pip install wandb); "
+                                                        "a resumed run continues the same W&B run")
 
     @model_validator(mode="after")
     def _coca_needs_coca(self) -> TrainConfig:

@@ -125,9 +125,21 @@ def compute_loss(model, loss_fn, batch: dict, cfg: TrainConfig, tag_loss=None) -
 class MetricsLog:
     """metrics.csv (always) and TensorBoard (when installed) on rank 0."""
 
-    def __init__(self, output: str, enabled: bool, tensorboard: bool):
-        self.enabled, self.fields, self.tb = enabled, None, None
+    def __init__(self, output: str, enabled: bool, tensorboard: bool, wandb_cfg=None, name: str = "train",
+                 config: dict | None = None):
+        self.enabled, self.fields, self.tb, self.wb = enabled, None, None, None
         self.path = f"{output.rstrip('/')}/metrics.csv"
+        if enabled and wandb_cfg is not None:
+            import hashlib
+
+            import wandb  # train() checked that it is installed
+
+            local = "://" not in output
+            # one W&B run per output directory: --resume continues it
+            run_id = hashlib.sha256(output.rstrip("/").encode()).hexdigest()[:16]
+            self.wb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity, mode=wandb_cfg.mode,
+                                 tags=wandb_cfg.tags or None, name=name, config=config, id=run_id, resume="allow",
+                                 dir=output if local else None)
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -153,10 +165,15 @@ class MetricsLog:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k, v, row["step"])
+        if self.wb is not None:
+            self.wb.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}, step=row["step"])
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wb is not None:
+            self.wb.finish()
+            self.wb = None
 
 
 def _csv_header(fs, path) -> list[str] | None:
@@ -173,6 +190,12 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
     from trainer.losses import build_loss
     from trainer.models import create_model
 
+    if cfg.wandb is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:  # every rank stops here, before any collective
+            raise ValueError("wandb: the train file asks for Weights & Biases logging but wandb is not "
+                             "installed (pip install wandb), or remove `wandb:`")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     rank, world, device = dist_setup()
@@ -197,7 +220,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
             log.info("resumed from %s at step %d (epoch %d, %d batches in)", ckpt, step, epoch, consumed)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
-    metrics = MetricsLog(cfg.output, rank == 0, cfg.tensorboard)
+    metrics = MetricsLog(cfg.output, rank == 0, cfg.tensorboard, cfg.wandb, cfg.name, cfg.model_dump())
     # the teachers' dims this run was configured for: shards made with other teachers fail before step 1
     dim = sum(cfg.loss.teacher_dims) if cfg.loss.kind == "distill" and cfg.loss.teacher_dims else None
 
