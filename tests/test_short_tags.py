@@ -135,3 +135,11 @@ def test_two_ranks_train_the_head(tagged, tmp_path):
     assert out["world_size"] == 2 and out["step"] == 3 and 0 < out["short_tag_loss"] < 1
     ckpt = torch.load(tmp_path / "run/checkpoints/step_3.pt", map_location="cpu", weights_only=False)
     assert torch.isfinite(ckpt["heads"]["short_tags"]["head.weight"]).all()
+
+
+def test_cnn_tower_trains_the_head(tagged, tmp_path):
+    """A timm image tower (no ``visual.output_dim``) gets its head sized from the model."""
+    summary = train(_cfg(tmp_path, tagged, steps=2, model={"name": "recap-tiny-cnn"}))
+    assert summary["step"] == 2 and 0 < summary["short_tag_loss"] < 1
+    ckpt = torch.load(tmp_path / "run/checkpoints/step_2.pt", map_location="cpu", weights_only=False)
+    assert ckpt["heads"]["short_tags"]["head.weight"].shape[1] == 128

@@ -37,10 +37,10 @@ class Wrapped(torch.nn.Module):
 # -- models ---------------------------------------------------------------------------------------
 
 def test_bundled_configs_registered_and_forward():
-    assert {"recap-tiny", "recap-tiny-siglip", "recap-tiny-coca"} <= set(bundled_models())
-    assert {"recap-tiny", "recap-tiny-siglip", "recap-tiny-coca"} <= set(open_clip.list_models())
+    names = {"recap-tiny", "recap-tiny-siglip", "recap-tiny-coca", "recap-tiny-cnn"}
+    assert names <= set(bundled_models()) and names <= set(open_clip.list_models())
     images = torch.randn(4, 3, 64, 64)
-    for name in ("recap-tiny", "recap-tiny-siglip", "recap-tiny-coca"):
+    for name in sorted(names):
         model, pre_train, pre_val, tok = create_model(name, output_dict=True)
         assert isinstance(tok, open_clip.SimpleTokenizer)  # not the HF SigLIP tokenizer ("siglip" in the name)
         assert image_size(model) == 64 and embed_dim(model) == 128 and image_dim(model) == 128
@@ -52,6 +52,17 @@ def test_bundled_configs_registered_and_forward():
             assert out["logits"].shape == (4, tok.context_length - 1, 49408)
     siglip, *_ = create_model("recap-tiny-siglip")
     assert float(siglip.logit_bias.detach()) == -10.0 and abs(float(siglip.logit_scale.detach().exp()) - 10.0) < 1e-4
+
+
+def test_image_dim_without_output_dim_leaves_batchnorm_alone():
+    model, *_ = create_model("recap-tiny-cnn")  # a timm tower: no visual.output_dim
+    assert not hasattr(model.visual, "output_dim") and image_dim(model) == 128
+    model.visual.head.proj = torch.nn.Identity()  # no projection either: image_dim has to run the tower
+    model.train()
+    bn = [m for m in model.visual.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in bn]
+    assert image_dim(model) == 512
+    assert model.visual.training and all(torch.equal(a, m.running_mean) for a, m in zip(before, bn))
 
 
 def test_tiny_model_is_fast_on_cpu():

@@ -6,6 +6,9 @@
 - ``recap-tiny``        CLIP: ViT 64 px / patch 8 / width 128 / 2 layers; text width 128 / 2 layers, context 77
 - ``recap-tiny-siglip`` the same towers with SigLIP's init (logit scale 10, logit bias -10)
 - ``recap-tiny-coca``   a tiny CoCa (attentional pooler, CLS text tower, 2-layer multimodal decoder)
+- ``recap-tiny-cnn``    the recap-tiny text tower with a timm ResNet-10-T image tower (64 px, BatchNorm):
+                      slower per step, but a CNN learns the demo world's shapes where the tiny ViT
+                      does not (see the README's trainer section)
 
 Our configs use open_clip's ``SimpleTokenizer`` (vocab 49408) whatever their name says (open_clip
 picks an HF SigLIP tokenizer for any name containing "siglip", which would need a download).
@@ -166,10 +169,18 @@ def image_dim(model: nn.Module) -> int:
     dim = getattr(m.visual, "output_dim", None)
     if dim:
         return int(dim)
+    proj = getattr(getattr(m.visual, "head", None), "proj", None)  # open_clip's TimmModel
+    if isinstance(proj, nn.Linear):
+        return int(proj.out_features)
     p = next(m.parameters())
     size = image_size(m)
-    with torch.no_grad():
-        return int(m.encode_image(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype)).shape[-1])
+    was_training = m.visual.training
+    m.visual.eval()  # a train-mode forward would move BatchNorm running statistics
+    try:
+        with torch.no_grad():
+            return int(m.encode_image(torch.zeros(1, 3, size, size, device=p.device, dtype=p.dtype)).shape[-1])
+    finally:
+        m.visual.train(was_training)
 
 
 def image_size(model: nn.Module) -> int:

@@ -332,6 +332,7 @@ def _short_tags(cfg: TrainConfig, model, rank: int, world: int, device: torch.de
         return None, {}
     from pipeline.reinforced import list_shards
     from trainer.losses import ShortTagLoss
+    from trainer.models import image_dim
     from trainer.tags import build_tag_vocab, load_tag_vocab
 
     vocab = load_tag_vocab(st.vocab) if st.vocab else build_tag_vocab(list_shards(cfg.data.path), st.max_tags, st.min_count)
@@ -339,7 +340,7 @@ def _short_tags(cfg: TrainConfig, model, rank: int, world: int, device: torch.de
         with fsspec.open(f"{cfg.output.rstrip('/')}/tag_vocab.json", "w", encoding="utf-8") as f:
             json.dump(vocab, f, ensure_ascii=False)
     torch.manual_seed(cfg.seed + 1)  # the head's init: the same on every rank, whatever the model drew
-    dim = model.visual.output_dim
+    dim = image_dim(model)  # timm towers have no visual.output_dim
     loss = ShortTagLoss(dim, len(vocab), rank=rank, world_size=world, weight=st.weight, input_scale=math.sqrt(dim)).to(device)
     loss.index = {t: i for i, t in enumerate(vocab)}
     return loss, {"short_tags": loss}
