@@ -65,6 +65,23 @@ def test_image_dim_without_output_dim_leaves_batchnorm_alone():
     assert model.visual.training and all(torch.equal(a, m.running_mean) for a, m in zip(before, bn))
 
 
+@pytest.mark.parametrize("name", ["ViT-B-32", "convnext_base", "MobileCLIP-S1", "coca_ViT-B-32", "RN50"])
+def test_open_clip_architectures_build_and_backprop(name):
+    """open_clip's own configs (random init: no download) go through the same path as ours."""
+    model, _, pre_val, tok = create_model(name, output_dict=True)
+    assert isinstance(tok, open_clip.SimpleTokenizer)
+    s = image_size(model)
+    from PIL import Image
+
+    x = pre_val(Image.new("RGB", (2 * s, s), (200, 30, 30))).unsqueeze(0).repeat(2, 1, 1, 1)
+    assert x.shape == (2, 3, s, s)
+    out = model(x, tok(["a red star on a white background", "two blue squares"]))
+    d = embed_dim(model)
+    assert out["image_features"].shape == (2, d) and out["text_features"].shape == (2, d)
+    (out["image_features"] @ out["text_features"].T).sum().backward()
+    assert all(p.grad is not None for p in model.visual.parameters() if p.requires_grad)
+
+
 def test_tiny_model_is_fast_on_cpu():
     import time
 
