@@ -86,7 +86,8 @@ def test_tiny_model_learns_the_demo_world(tmp_path, worlds):
 
 def test_two_ranks_with_torchrun_and_ray_train(tmp_path, worlds):
     data, _ = worlds
-    f = _cfg(tmp_path, data, steps=3, **{"data.batch_size": 8})
+    # accum 2: the exact accumulation (no_sync, then one all-reduce) on two ranks, both launchers
+    f = _cfg(tmp_path, data, steps=3, **{"data.batch_size": 4, "optim.accum": 2})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(f), "--nproc", "2"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
@@ -103,6 +104,16 @@ def test_two_ranks_with_torchrun_and_ray_train(tmp_path, worlds):
     assert "world_size=2" in r.stdout + r.stderr
     a, b = _params(tmp_path / "run", 3), _params(tmp_path / "ray", 3)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_checkpointing_gives_the_same_steps(tmp_path, worlds):
+    data, _ = worlds
+    train(load_train_config(_cfg(tmp_path / "a", data, steps=2)))
+    train(load_train_config(_cfg(tmp_path / "b", data, steps=2, **{"model.grad_checkpointing": True})))
+    a, b = _params(tmp_path / "a/run", 2), _params(tmp_path / "b/run", 2)
+    assert a.keys() == b.keys()
+    for k in a:  # recomputed activations: the same numbers, up to float noise
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
 def test_empty_shard_list_fails_before_step_one(tmp_path):

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
 from typing import Any
 
 import fsspec
@@ -20,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import TrainConfig
+from trainer.step import backward_step, compute_loss  # noqa: F401  (compute_loss: for callers of trainer.train)
 
 log = logging.getLogger("recap.train")
 
@@ -78,47 +78,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 # -- one step's loss -----------------------------------------------------------------------------
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def compute_loss(model, loss_fn, batch: dict, cfg: TrainConfig, tag_loss=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Forward the batch and return (total, terms). Negative texts ride along in the same text
-    forward (one DDP forward per step), then are split off as extra logits columns."""
-    images, texts = batch["image"], batch["text"]
-    n_txt = texts.shape[0]
-    negs = batch.get("neg_text") if cfg.loss.hard_negatives else None
-    if negs is not None and negs.shape[0]:
-        texts = torch.cat([texts, negs])
-    out = model(images, texts)
-    kind = cfg.loss.kind
-    if kind == "coca":
-        terms = loss_fn(image_features=out["image_features"], text_features=out["text_features"],
-                        logits=out["logits"], labels=out["labels"], logit_scale=out["logit_scale"], output_dict=True)
-    else:
-        txt = out["text_features"]
-        kwargs: dict[str, Any] = {}
-        if negs is not None and negs.shape[0]:
-            kwargs["negative_text_features"] = txt[n_txt:]
-            txt = txt[:n_txt]
-        if kind == "siglip":
-            terms = loss_fn(out["image_features"], txt, out["logit_scale"], out["logit_bias"], output_dict=True, **kwargs)
-        elif kind == "distill":
-            t_neg = batch.get("teacher_neg_text")
-            if "negative_text_features" in kwargs and t_neg is not None \
-                    and t_neg.shape[0] == kwargs["negative_text_features"].shape[0]:
-                # the teacher scores the same negatives (neg_text_emb), so they enter the KL too;
-                # long negatives have no teacher rows, and then only the CLIP term sees negatives
-                kwargs["teacher_negative_text_features"] = t_neg
-            terms = loss_fn(out["image_features"], txt, out["logit_scale"],
-                            teacher_image_features=batch["teacher_image"], teacher_text_features=batch["teacher_text"],
-                            output_dict=True, **kwargs)
-        else:
-            terms = loss_fn(out["image_features"], txt, out["logit_scale"], output_dict=True, **kwargs)
-    if not isinstance(terms, dict):
-        terms = {"loss": terms}
-    if tag_loss is not None:
-        terms.update(tag_loss(out["image_features"], positive_ids=batch["tag_pos"], negative_ids=batch["tag_neg"],
-                              output_dict=True))
-    return sum(terms.values()), terms
 
 
 # -- the loop ------------------------------------------------------------------------------------
@@ -260,23 +219,14 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
             for g in optimizer.param_groups:
                 g["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            terms_sum: dict[str, float] = {}
-            finite = True
-            for i, batch in enumerate(micro):
-                batch = _to(batch, device)
-                sync = nullcontext() if (world == 1 or i == len(micro) - 1) else ddp.no_sync()
-                with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    total, terms = compute_loss(ddp, loss_fn, batch, cfg, tag_loss)
-                    total = total / len(micro)
-                finite = finite and bool(torch.isfinite(total).item())
-                if not finite:
-                    _write_nonfinite(cfg, step, rank, batch, terms)
-                else:
-                    (scaler.scale(total) if scaler else total).backward()
-                for k, v in terms.items():
-                    terms_sum[k] = terms_sum.get(k, 0.0) + float(v.detach()) / len(micro)
-                if not finite:
-                    break
+            terms_sum, bad = backward_step(
+                ddp, loss_fn, [_to(b, device) for b in micro], cfg, tag_loss=tag_loss, heads=heads, device=device,
+                autocast=lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp),
+                backward=lambda t: (scaler.scale(t) if scaler else t).backward(),
+                no_sync=ddp.no_sync if world > 1 else None)
+            finite = bad is None
+            if not finite:
+                _write_nonfinite(cfg, step, rank, bad, terms_sum)
             if not _all_true(finite, device):
                 metrics.close()
                 raise NonFiniteLoss(f"non-finite loss at step {step + 1}; batch uids and loss terms written to "
@@ -357,6 +307,6 @@ def _loss_options(cfg: TrainConfig) -> dict:
 
 def _write_nonfinite(cfg: TrainConfig, step: int, rank: int, batch: dict, terms: dict) -> None:
     rec = {"step": step + 1, "rank": rank, "uids": list(batch.get("uid", [])),
-           "terms": {k: float(v.detach()) for k, v in terms.items()}}
+           "terms": {k: float(v) for k, v in terms.items()}}
     with fsspec.open(f"{cfg.output.rstrip('/')}/nonfinite_step_{step + 1}_rank{rank}.json", "w") as f:
         json.dump(rec, f, indent=1)
