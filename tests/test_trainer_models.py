@@ -82,6 +82,21 @@ def test_open_clip_architectures_build_and_backprop(name):
     assert all(p.grad is not None for p in model.visual.parameters() if p.requires_grad)
 
 
+def test_coca_from_scratch_is_initialised_and_deterministic():
+    """open_clip leaves CoCa's text_decoder.text_projection as torch.empty: create_model fills it."""
+    states = []
+    for fill in (0.0, float("nan"), 1e24):
+        junk = torch.full((4096, 4096), fill)  # what the allocator may hand back next
+        del junk
+        torch.manual_seed(0)
+        model, *_ = create_model("recap-tiny-coca")
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+    proj = states[0]["text_decoder.text_projection"]
+    assert torch.isfinite(proj).all() and 0.5 < float(proj.std()) * 128 ** 0.5 < 2.0
+    for other in states[1:]:
+        assert all(torch.equal(states[0][k], other[k]) for k in other)
+
+
 def test_tiny_model_is_fast_on_cpu():
     import time
 

@@ -89,6 +89,8 @@ def create_model(name: str, *, pretrained: str | None = None, context_length: in
     own_ckpt = pretrained is not None and _is_local_or_url(pretrained)
     model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(
         name, pretrained=None if own_ckpt else pretrained, precision=precision, device=device, **overrides)
+    if pretrained is None or own_ckpt:
+        _init_left_empty(model)
     tokenizer = get_tokenizer(name, context_length=overrides.get("force_context_length"))
     if own_ckpt:
         from trainer.checkpoint import read_state_dict
@@ -106,6 +108,18 @@ def create_model(name: str, *, pretrained: str | None = None, context_length: in
     if stretch_to:
         stretch_text_positions(model, stretch_to, tokenizer=tokenizer)
     return model, preprocess_train, preprocess_val, tokenizer
+
+
+def _init_left_empty(model: nn.Module) -> None:
+    """open_clip 3.3 builds CoCa's ``text_decoder.text_projection`` with ``torch.empty`` and never
+    initialises it (``MultimodalTransformer.init_parameters`` is not called, and would fail on
+    ``self.transformer``). From scratch that is whatever memory held: zeros, 1e24 or NaN, varying
+    from run to run. Give it the init that method intends."""
+    dec = getattr(model, "text_decoder", None)
+    proj = getattr(dec, "text_projection", None)
+    if isinstance(proj, nn.Parameter):
+        with torch.no_grad():
+            nn.init.normal_(proj, std=dec.width ** -0.5)
 
 
 def _load_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
