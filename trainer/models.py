@@ -114,7 +114,7 @@ def _init_left_empty(model: nn.Module) -> None:
     """open_clip 3.3 builds CoCa's ``text_decoder.text_projection`` with ``torch.empty`` and never
     initialises it (``MultimodalTransformer.init_parameters`` is not called, and would fail on
     ``self.transformer``). From scratch that is whatever memory held: zeros, 1e24 or NaN, varying
-    from run to run. Give it the init that method intends."""
+    from run to run (mlfoundations/open_clip#554). Give it the init that method intends."""
     dec = getattr(model, "text_decoder", None)
     proj = getattr(dec, "text_projection", None)
     if isinstance(proj, nn.Parameter):
