@@ -137,9 +137,9 @@ def backward_step(model, loss_fn, micro: list[dict], cfg: TrainConfig, *, tag_lo
                   backward: Callable[[torch.Tensor], None] = lambda t: t.backward(),
                   no_sync: Callable[[], Any] | None = None) -> tuple[dict[str, float], dict | None]:
     """Forward and backward the micro-batches of one optimizer step (already on ``device``);
-    gradients are left in ``.grad``. Returns (mean terms for the log, None), or (terms, the batch
-    whose loss was not finite) after stopping at it. ``no_sync``: DDP's, for all but the last
-    backward."""
+    gradients are left in ``.grad``. Returns (terms for the log, None), or, when the loss is not
+    finite, (its terms, the batch: with several micro-batches, all their uids) at once.
+    ``no_sync``: DDP's, for all but the last backward."""
     heads = heads or {}
     last = len(micro) - 1
 
@@ -171,8 +171,8 @@ def backward_step(model, loss_fn, micro: list[dict], cfg: TrainConfig, *, tag_lo
             terms = loss_terms(loss_fn, _merge_outputs(outs, i), whole, cfg, tag_loss)
             share = shares[i]
             total = sum(v * share if k in _PER_SAMPLE_TERMS else v for k, v in terms.items())
-        if not torch.isfinite(total).item():
-            return {k: float(v.detach()) for k, v in terms.items()}, b
+        if not torch.isfinite(total).item():  # the whole batch's loss: any micro-batch may be the cause
+            return {k: float(v.detach()) for k, v in terms.items()}, {"uid": [u for m in micro for u in m.get("uid", [])]}
         backward(total)
         for k, v in terms.items():
             if k in _PER_SAMPLE_TERMS:
