@@ -64,22 +64,12 @@ def shape_probe(model, preprocess, train_dir: Path, eval_dir: Path, device: str)
     """Linear probe (logistic regression on L2-normalised frozen image embeddings) for the shape label."""
     from collections import Counter
 
-    from trainer.eval import _decode, _encode_images, iter_samples
+    from trainer.eval import encode_split
 
     def embed(d: Path) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys, out = [], [], []
-        for s in iter_samples(str(d), Counter()):
-            x = _decode(s["image"], preprocess)
-            if x is None or s["label"] is None:
-                continue
-            xs.append(x)
-            ys.append(s["label"])
-            if len(xs) == 128:
-                out.append(_encode_images(model, xs, device))
-                xs = []
-        if xs:
-            out.append(_encode_images(model, xs, device))
-        return torch.nn.functional.normalize(torch.cat(out).float().cpu(), dim=-1), torch.tensor(ys)
+        emb, rows = encode_split(model, preprocess, str(d), 128, device, Counter())
+        keep = [i for i, r in enumerate(rows) if r["label"] is not None]
+        return emb[keep], torch.tensor([rows[i]["label"] for i in keep])
 
     model.eval()
     (ft, yt), (fe, ye) = embed(train_dir), embed(eval_dir)

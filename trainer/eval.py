@@ -164,6 +164,29 @@ def _encode_images(model, batch: list[torch.Tensor], device) -> torch.Tensor:
     return F.normalize(model.encode_image(x).float(), dim=-1).cpu()
 
 
+def encode_split(model, preprocess: Callable, data_dir: str, batch_size: int, device,
+                 skipped: Counter) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """L2-normalised image embeddings [N, D] of every decodable sample under ``data_dir`` and the
+    samples (``iter_samples`` dicts without the image bytes, in the same order); bad images counted
+    in ``skipped``."""
+    rows: list[dict[str, Any]] = []
+    chunks: list[torch.Tensor] = []
+    pending: list[torch.Tensor] = []
+    for s in iter_samples(data_dir, skipped):
+        x = _decode(s["image"], preprocess)
+        if x is None:
+            skipped["bad_image"] += 1
+            continue
+        pending.append(x)
+        rows.append({k: v for k, v in s.items() if k != "image"})
+        if len(pending) == batch_size:
+            chunks.append(_encode_images(model, pending, device))
+            pending = []
+    if pending:
+        chunks.append(_encode_images(model, pending, device))
+    return (torch.cat(chunks) if chunks else torch.zeros(0, 0)), rows
+
+
 # -- metrics --------------------------------------------------------------------------------------
 
 def _hit_prob(scores: torch.Tensor, positive: torch.Tensor, ks: Sequence[int]) -> dict[int, torch.Tensor]:
@@ -257,30 +280,16 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str, *,
     was_training = model.training
     model.eval()
     try:
-        images, captions, labels, negs, neg_types = [], [], [], [], []
-        pending: list[torch.Tensor] = []
-        for s in iter_samples(data_dir, skipped):
-            x = _decode(s["image"], preprocess)
-            if x is None:
-                skipped["bad_image"] += 1
-                continue
-            pending.append(x)
-            captions.append(s["caption"])
-            labels.append(s["label"])
-            neg = s["meta"].get("neg_caption")
-            negs.append(neg if isinstance(neg, str) and neg.strip() else None)
-            neg_types.append(str(s["meta"].get("neg_type") or "unknown"))
-            if len(pending) == batch_size:
-                images.append(_encode_images(model, pending, device))
-                pending = []
-        if pending:
-            images.append(_encode_images(model, pending, device))
+        image_emb, rows = encode_split(model, preprocess, data_dir, batch_size, device, skipped)
+        captions = [s["caption"] for s in rows]
+        labels = [s["label"] for s in rows]
+        negs = [n if isinstance(n := s["meta"].get("neg_caption"), str) and n.strip() else None for s in rows]
+        neg_types = [str(s["meta"].get("neg_type") or "unknown") for s in rows]
         result: dict[str, Any] = {"data": data_dir, "n": len(captions), "skipped": dict(sorted(skipped.items()))}
         if not captions:
             for t in tasks:
                 result[t] = {"skipped": "no usable samples"}
             return result
-        image_emb = torch.cat(images)
         need_text = "retrieval" in tasks or "compositional" in tasks
         text_emb = _encode_texts(model, tokenizer, captions, batch_size, device) if need_text else None
 
