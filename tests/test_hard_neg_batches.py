@@ -84,7 +84,7 @@ def test_distill_kl_sees_the_teachers_negatives(tmp_path):
     from trainer.data import collate
     from trainer.losses import DistillClipLoss
     from trainer.models import create_model
-    from trainer.train import compute_loss
+    from trainer.step import compute_loss
 
     make_fixture(str(tmp_path / "ds"), n_samples=8, n_shards=1, dims=(16,), seed=3, n_aug=1, n_syn=1, n_neg=2)
     model, _, _, tok = create_model("recap-tiny", output_dict=True)

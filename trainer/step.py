@@ -8,10 +8,11 @@ micro-batch's features, then each micro-batch is forwarded again with gradient a
 *whole* batch (its live features, the others' cached ones) is back-propagated. Summed over the
 micro-batches, that is the gradient of the full batch's loss. Parameters that enter that loss
 directly rather than through a micro-batch's features (the logit scale and bias, the short-tag
-head) receive the same gradient once per micro-batch, so theirs is divided by the count. Terms
-that are a mean over the samples of one micro-batch (CoCa's captioning loss) are weighted by its
-share of the batch (CoCa: of its non-pad tokens, over all ranks). Each micro-batch's second forward restores the RNG state of its first, so
-dropout draws the same masks; BatchNorm statistics are updated by both passes (as in open_clip).
+head) receive the same gradient once per micro-batch, so theirs is divided by the count. CoCa's
+captioning loss is a mean over one micro-batch's caption tokens, so it is weighted by that
+micro-batch's share of the batch's non-pad tokens (counted over all ranks). Each micro-batch's
+second forward restores the RNG state of its first, so dropout draws the same masks; BatchNorm
+statistics are updated by both passes (as in open_clip).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from trainer.config import TrainConfig
 # features with one row per sample (or per negative): concatenated over micro-batches
 _ROW_OUTPUTS = ("image_features", "text_features", "negative_text_features")
 _ROW_TEACHER = ("teacher_image", "teacher_text", "teacher_neg_text")
-# loss terms that are a mean over one micro-batch's own samples (not over the batch's pairs)
+# loss terms that are a mean over one micro-batch's own caption tokens (not over the batch's pairs)
 _PER_SAMPLE_TERMS = ("caption_loss",)
 # model parameters used by the loss itself (not through features)
 _LOSS_PARAMS = ("logit_scale", "logit_bias")
@@ -114,13 +115,11 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
         torch.cuda.set_rng_state(state[1], device)
 
 
-def _shares(micro: list[dict], cached: list[dict], loss_fn, device: torch.device) -> list[float]:
-    """Each micro-batch's share of what a per-sample term averages over, counted on every rank."""
-    if all("labels" in o for o in cached):  # CoCa: the caption CE is a mean over the non-pad tokens
-        pad = getattr(loss_fn, "pad_id", 0)
-        counts = torch.stack([(o["labels"] != pad).sum().float() for o in cached]).to(device)
-    else:
-        counts = torch.tensor([float(b["image"].shape[0]) for b in micro], device=device)
+def _token_shares(cached: list[dict], loss_fn, device: torch.device) -> list[float]:
+    """Each micro-batch's share of the batch's non-pad caption tokens (CoCa's caption CE is a mean
+    over them), counted on every rank."""
+    pad = getattr(loss_fn, "pad_id", 0)
+    counts = torch.stack([(o["labels"] != pad).sum().float() for o in cached]).to(device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(counts)
     return (counts / counts.sum().clamp(min=1)).tolist()
@@ -161,7 +160,7 @@ def backward_step(model, loss_fn, micro: list[dict], cfg: TrainConfig, *, tag_lo
             with autocast():
                 cached.append(forward_outputs(model, b, cfg))
     whole = _merge_batches(micro)
-    shares = _shares(micro, cached, loss_fn, device)
+    shares: list[float] | None = None  # counted once, and only when a per-sample term needs it
     logged: dict[str, float] = {}
     for i, b in enumerate(micro):
         _set_rng_state(states[i], device)
@@ -169,7 +168,9 @@ def backward_step(model, loss_fn, micro: list[dict], cfg: TrainConfig, *, tag_lo
             outs = list(cached)
             outs[i] = forward_outputs(model, b, cfg)
             terms = loss_terms(loss_fn, _merge_outputs(outs, i), whole, cfg, tag_loss)
-            share = shares[i]
+            if shares is None and any(k in _PER_SAMPLE_TERMS for k in terms):
+                shares = _token_shares(cached, loss_fn, device)  # every rank has the same terms: one collective
+            share = shares[i] if shares is not None else 1.0
             total = sum(v * share if k in _PER_SAMPLE_TERMS else v for k, v in terms.items())
         if not torch.isfinite(total).item():  # the whole batch's loss: any micro-batch may be the cause
             return {k: float(v.detach()) for k, v in terms.items()}, {"uid": [u for m in micro for u in m.get("uid", [])]}

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import TrainConfig
-from trainer.step import backward_step, compute_loss  # noqa: F401  (compute_loss: for callers of trainer.train)
+from trainer.step import backward_step
 
 log = logging.getLogger("recap.train")
 
