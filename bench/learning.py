@@ -60,31 +60,6 @@ def reinforced_split(heldout: Path, out: Path, negatives: bool, n_shards: int = 
     return out
 
 
-def shape_probe(model, preprocess, train_dir: Path, eval_dir: Path, device: str) -> float:
-    """Linear probe (logistic regression on L2-normalised frozen image embeddings) for the shape label."""
-    from collections import Counter
-
-    from trainer.eval import encode_split
-
-    def embed(d: Path) -> tuple[torch.Tensor, torch.Tensor]:
-        emb, rows = encode_split(model, preprocess, str(d), 128, device, Counter())
-        keep = [i for i, r in enumerate(rows) if r["label"] is not None]
-        return emb[keep], torch.tensor([rows[i]["label"] for i in keep])
-
-    model.eval()
-    (ft, yt), (fe, ye) = embed(train_dir), embed(eval_dir)
-    torch.manual_seed(0)
-    head = torch.nn.Linear(ft.shape[1], int(max(yt.max(), ye.max())) + 1)
-    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
-    for _ in range(500):
-        loss = torch.nn.functional.cross_entropy(head(ft * 10), yt)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    with torch.no_grad():
-        return float((head(fe * 10).argmax(1) == ye).float().mean())
-
-
 def run_one(name: str, data: Path, work: Path, a: argparse.Namespace) -> dict:
     from trainer.config import load_train_config
     from trainer.train import train
@@ -119,7 +94,7 @@ def main() -> int:
     ap.add_argument("--keep", type=Path, help="work in this directory and keep it (default: a temp dir)")
     a = ap.parse_args()
 
-    from trainer.eval import evaluate
+    from trainer.eval import evaluate, linear_probe
     from trainer.models import create_model
     from world.generate import generate_world
 
@@ -138,7 +113,13 @@ def main() -> int:
             r = run_one(name, data, work, a)
             model, _, pre_val, tok = create_model(name, pretrained=str(r["ckpt"]), device=a.device)
             res = evaluate(model, pre_val, tok, str(work / "eval" / "heldout"), device=a.device)
-            probe = shape_probe(model, pre_val, work / "train" / "heldout", work / "eval" / "heldout", a.device)
+            probe = linear_probe(model, pre_val, str(work / "train" / "heldout"), str(work / "eval" / "heldout"),
+                                 device=a.device)["top1"]
+            # Random features already carry some shape: the probe of the same model untrained is the baseline.
+            torch.manual_seed(a.seed)
+            untrained, *_ = create_model(name, device=a.device)
+            probe0 = linear_probe(untrained, pre_val, str(work / "train" / "heldout"), str(work / "eval" / "heldout"),
+                                  device=a.device)["top1"]
             zs, rt, cp = res["zeroshot"], res["retrieval"], res["compositional"]
             by = cp["by_type"]
             row = {"model": name, "steps": a.steps, "train_s": round(r["train_s"], 1),
@@ -146,15 +127,16 @@ def main() -> int:
                    "R@10": round(rt["image_to_text"]["R@10"], 3), "R@10_chance": round(rt["chance"]["R@10"], 3),
                    "colour_swap": round(by.get("replace_colour", {}).get("accuracy", float("nan")), 3),
                    "shape_swap": round(by.get("replace_shape", {}).get("accuracy", float("nan")), 3),
-                   "swap_chance": cp["chance"], "shape_probe": round(probe, 3)}
+                   "swap_chance": cp["chance"], "shape_probe": round(probe, 3),
+                   "shape_probe_untrained": round(probe0, 3)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{'model':<18}{'steps':>6}{'train s':>9}{'zero-shot':>14}{'R@10':>14}{'colour swap':>13}"
-          f"{'shape swap':>12}{'shape probe':>13}")
+          f"{'shape swap':>12}{'shape probe':>13}{'untrained':>11}")
     for r in rows:
         print(f"{r['model']:<18}{r['steps']:>6}{r['train_s']:>9}{r['zeroshot']:>8} ({r['zeroshot_chance']})"
               f"{r['R@10']:>8} ({r['R@10_chance']}){r['colour_swap']:>13}{r['shape_swap']:>12}"
-              f"{r['shape_probe']:>8} ({r['zeroshot_chance']})")
+              f"{r['shape_probe']:>8} ({r['zeroshot_chance']}){r['shape_probe_untrained']:>11}")
     print(f"(swap chance {rows[0]['swap_chance'] if rows else 0.5}; shape probe chance = zero-shot chance)")
     return 0
 

@@ -324,3 +324,50 @@ def test_eval_cli_clip_benchmark_bridge(tmp_path, capsys, monkeypatch):
     assert out["clip_benchmark"] == [{"dataset": "cifar10", "model": "recap-tiny", "metrics": {"acc1": 0.5}}]
     assert calls["ctx"] == 100  # our loader: the stretched context comes back
     assert all(torch.equal(calls["params"][k], v) for k, v in model.state_dict().items())
+
+
+def _relabel(src: Path, dst: Path, label_of) -> None:
+    """A copy of the labelled set ``src`` whose .cls members say ``label_of(key, meta)``."""
+    shutil.copytree(src, dst)
+    metas = {s["key"]: s["meta"] for s in _samples(src)}
+    for shard in sorted((src / "shards").glob("*.tar")):
+        _rewrite_tar(shard, dst / "shards" / shard.name,
+                     lambda name, data: str(label_of(name.split(".")[0], metas[name.split(".")[0]])).encode()
+                     if name.endswith(".cls") else data)
+
+
+def test_linear_probe_reads_what_the_embeddings_hold(heldout, tmp_path, capsys):
+    """An untrained CNN's random features keep each image's colours, so a probe for the dominant
+    object's colour scores far above chance on another world's images; the same probe for labels
+    that are a hash of the sample key (nothing to read) stays near chance. ``recap eval
+    --linear-probe`` prints it."""
+    from world.generate import generate_world
+    from world.scenes import COLOURS
+
+    from trainer.eval import linear_probe
+
+    generate_world(tmp_path / "w3", samples=20, heldout=260, seed=3, port=8765)
+    colours = list(COLOURS)
+    by_colour = lambda key, meta: colours.index(meta["scene"]["objects"][0]["colour"])  # noqa: E731
+    by_hash = lambda key, meta: int(hashlib.sha256(key.encode()).hexdigest(), 16) % 13  # noqa: E731
+    for name, fn in (("colour", by_colour), ("hash", by_hash)):
+        _relabel(tmp_path / "w3" / "heldout", tmp_path / f"train-{name}", fn)
+        _relabel(heldout, tmp_path / f"eval-{name}", fn)
+    torch.manual_seed(0)
+    model, _, pre, _ = create_model("recap-tiny-cnn")
+    colour = linear_probe(model, pre, str(tmp_path / "train-colour"), str(tmp_path / "eval-colour"))
+    hashed = linear_probe(model, pre, str(tmp_path / "train-hash"), str(tmp_path / "eval-hash"))
+    assert colour["n_train"] == 260 and colour["n"] == 60 and colour["n_classes"] == 13
+    assert colour["top1"] > 0.4 and colour["top1"] > 3 * colour["chance_top1"], colour
+    assert hashed["top1"] < 0.3, hashed
+    assert model.training  # restored
+
+    run = tmp_path / "run"
+    save_checkpoint(str(run / "checkpoints" / "step_1.pt"), model=model, step=1, epoch=0, data_position={},
+                    config=None, name="recap-tiny-cnn")
+    assert eval_cli([str(run), "--data", str(tmp_path / "eval-colour"), "--tasks", "zeroshot",
+                     "--linear-probe", str(tmp_path / "train-colour"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["linear_probe"]["top1"] == pytest.approx(colour["top1"])
+    assert eval_cli([str(run), "--linear-probe", str(tmp_path / "train-colour")]) == 2
+    assert "needs --data" in capsys.readouterr().err

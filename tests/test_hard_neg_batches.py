@@ -107,3 +107,41 @@ def test_distill_kl_sees_the_teachers_negatives(tmp_path):
         without = loss_fn(*args, **kw)
     assert torch.allclose(terms["distill_loss"], want["distill_loss"], rtol=1e-5)
     assert not torch.allclose(want["distill_loss"], without["distill_loss"], rtol=1e-3)
+
+
+def test_several_negatives_per_sample(tmp_path):
+    """negatives_per_sample draws that many distinct stored negatives per sample and epoch; the
+    first is the single-negative draw, the teacher rows follow the same choice, and the collated
+    batch's neg_index points each column at its sample."""
+    import numpy as np
+
+    from trainer.data import collate
+
+    fx = make_fixture(str(tmp_path / "ds"), n_samples=12, n_shards=1, dims=(8,), seed=4, n_aug=1, n_syn=0, n_neg=5)
+
+    def draw(n, epoch=0, teacher=False):
+        ds = ReinforcedDataset(str(tmp_path / "ds"), image_size=32, hard_negatives=True, epoch=epoch,
+                               negatives_per_sample=n, use_teacher=teacher)
+        return {s["uid"]: s for s in ds.iter_samples(Counter())}
+
+    one, three, many = draw(1), draw(3), draw(9)
+    for uid, s in three.items():
+        stored = fx["samples"][uid]["neg"]["neg_text_short"]
+        assert len(s["neg_text"]) == 3 and len(set(s["neg_text"])) == 3 and set(s["neg_text"]) <= set(stored)
+        assert s["neg_text"][0] == one[uid]["neg_text"][0]
+        assert sorted(many[uid]["neg_text"]) == sorted(stored)  # more asked than stored: all of them
+    again = draw(3)
+    assert all(again[u]["neg_text"] == three[u]["neg_text"] for u in three)
+    other = draw(3, epoch=1)
+    assert any(other[u]["neg_text"] != three[u]["neg_text"] for u in three)
+
+    with_teacher = draw(3, teacher=True)
+    for uid, s in with_teacher.items():
+        stored = fx["samples"][uid]
+        rows = [stored["neg"]["neg_text_short"].index(t) for t in s["neg_text"]]
+        np.testing.assert_allclose(s["teacher_neg_text"].numpy(), np.asarray(stored["neg_text_emb"])[rows], rtol=1e-6)
+    batch = collate([with_teacher[u] for u in sorted(with_teacher)][:4])
+    assert batch["neg_index"].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert batch["teacher_neg_text"].shape == (12, 8)
+    with pytest.raises(ValueError, match="negatives_per_sample"):
+        ReinforcedDataset(str(tmp_path / "ds"), image_size=32, negatives_per_sample=0)

@@ -9,6 +9,7 @@ import numpy as np
 import open_clip
 import pytest
 import torch
+from PIL import Image
 
 from trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from trainer.models import (bundled_models, create_model, embed_dim, image_dim, image_size, stretch_positions,
@@ -39,11 +40,13 @@ class Wrapped(torch.nn.Module):
 def test_bundled_configs_registered_and_forward():
     names = {"recap-tiny", "recap-tiny-siglip", "recap-tiny-coca", "recap-tiny-cnn"}
     assert names <= set(bundled_models()) and names <= set(open_clip.list_models())
-    images = torch.randn(4, 3, 64, 64)
     for name in sorted(names):
         model, pre_train, pre_val, tok = create_model(name, output_dict=True)
         assert isinstance(tok, open_clip.SimpleTokenizer)  # not the HF SigLIP tokenizer ("siglip" in the name)
-        assert image_size(model) == 64 and embed_dim(model) == 128 and image_dim(model) == 128
+        size = 32 if name == "recap-tiny-cnn" else 64  # the CNN: 32 px, context 32 (fast enough to learn shape)
+        assert image_size(model) == size and embed_dim(model) == 128 and image_dim(model) == 128
+        assert pre_val(Image.new("RGB", (90, 50))).shape == (3, size, size)
+        images = torch.randn(4, 3, size, size)
         assert tok.context_length == text_context_length(model)
         with torch.no_grad():
             out = model(images, tok(["a red circle on a white background"] * 4))

@@ -46,6 +46,8 @@ class LossConfig(_Strict):
     teacher_logit_scale: float = Field(100.0, gt=0)
     teacher_dims: list[int] | None = Field(None, description="distill: the teachers' embedding dims expected in the shards")
     hard_negatives: bool = Field(False, description="append neg_text_short embeddings as extra text columns (NegCLIP)")
+    negatives_per_sample: int = Field(1, ge=1, description="with hard_negatives: how many of a sample's stored "
+                                      "neg_text_short enter each step (a seeded draw by epoch and uid; NegCLIP uses 1)")
     long_negatives: bool = Field(False, description="with hard_negatives: also the long negative (neg_text_long, or "
                                                     "HQ-CLIP's long_negative) as one more column")
     short_tags: ShortTagConfig | None = Field(None, description="HQ-CLIP's short-tag loss: a multi-label head on the "

@@ -53,9 +53,9 @@ class ReinforcedDataset(IterableDataset):
     """Samples as dicts: ``image`` [3, S, S] float, ``text`` (token ids [ctx], or the string without a
     tokenizer), ``uid``, ``aug_index`` (param_aug row replayed; -1 for a drawn plain crop),
     ``text_index`` (0 = GT, k = syn_text[k-1]), ``text_source``; with ``use_teacher``:
-    ``teacher_image`` [D], ``teacher_text`` [D]; with ``hard_negatives``: ``neg_text`` [0 or 1, ctx]
-    (one negative, preferring those made from the chosen text) and with a teacher ``teacher_neg_text``
-    [0 or 1, D] (with ``long_negatives``, the chosen negative's ``neg_text_long``, or syn.json's
+    ``teacher_image`` [D], ``teacher_text`` [D]; with ``hard_negatives``: ``neg_text`` [0..n, ctx]
+    (``negatives_per_sample`` negatives, preferring those made from the chosen text) and with a teacher ``teacher_neg_text``
+    [0..n, D] (with ``long_negatives``, the chosen negative's ``neg_text_long``, or syn.json's
     ``long_negative``, is one more ``neg_text`` row); with ``tag_index`` (HQ-CLIP short tags): ``tag_pos`` and ``tag_neg``, lists of tag ids.
 
     ``stats`` counts skipped samples and damaged shards by reason (in the process that iterates;
@@ -69,7 +69,7 @@ class ReinforcedDataset(IterableDataset):
                  expected_dim: int | None = None, shuffle_buffer: int = 1000, shuffle_shards: bool = True,
                  samples_per_epoch: int | None = None, mean: Sequence[float] = OPENAI_MEAN,
                  std: Sequence[float] = OPENAI_STD, tag_index: dict[str, int] | None = None,
-                 image_hard_negatives: int = 0, long_negatives: bool = False):
+                 image_hard_negatives: int = 0, long_negatives: bool = False, negatives_per_sample: int = 1):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
@@ -108,6 +108,9 @@ class ReinforcedDataset(IterableDataset):
         self.tag_index = tag_index
         self.image_hard_negatives = int(image_hard_negatives)
         self.long_negatives = bool(long_negatives)
+        if int(negatives_per_sample) < 1:
+            raise ValueError(f"negatives_per_sample must be >= 1, got {negatives_per_sample}")
+        self.negatives_per_sample = int(negatives_per_sample)
         self.required = ("jpg", "txt", "json") if self.reinforced else ("jpg", "txt")
         self.stats: Counter = Counter()
 
@@ -348,7 +351,7 @@ class ReinforcedDataset(IterableDataset):
             if cand and isinstance(of, list) and len(of) == len(short):
                 mine = [i for i in cand if of[i] == t]
                 cand = mine or cand
-            chosen = [cand[min(int(_u(self.seed, "neg", self.epoch, uid) * len(cand)), len(cand) - 1)]] if cand else []
+            chosen = self._pick_negatives(cand, uid)
             negs = [str(short[i]) for i in chosen]
             if self.long_negatives:  # HQ-CLIP: the long description's negative rides along
                 longs = neg.get("neg_text_long")
@@ -367,6 +370,20 @@ class ReinforcedDataset(IterableDataset):
                 out["teacher_neg_text"] = torch.from_numpy(np.asarray(s["neg_text_emb"][chosen], np.float32)) \
                     if chosen else torch.zeros((0, d))
         return out
+
+
+    def _pick_negatives(self, cand: list[int], uid: str) -> list[int]:
+        """Up to negatives_per_sample of the candidate negatives, drawn by (seed, epoch, uid); the
+        first is the one a single-negative run draws, so raising the count only adds columns."""
+        if not cand:
+            return []
+        first = cand[min(int(_u(self.seed, "neg", self.epoch, uid) * len(cand)), len(cand) - 1)]
+        rest = [i for i in cand if i != first]
+        if self.negatives_per_sample == 1 or not rest:
+            return [first]
+        keys = rng.uniform(self.seed, f"train/neg-order/{self.epoch}", [f"{uid}/{i}" for i in rest])
+        order = [rest[j] for j in np.argsort(keys, kind="stable")]
+        return [first, *order[:self.negatives_per_sample - 1]]
 
 
 # -- batching -------------------------------------------------------------------------------------

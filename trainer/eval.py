@@ -252,6 +252,46 @@ def compositional_metrics(image_emb: torch.Tensor, pos_emb: torch.Tensor, neg_em
     return {"accuracy": _mean(right), "n": int(len(neg_types)), "chance": 0.5, "by_type": by_type}
 
 
+def linear_probe(model, preprocess: Callable, train_dir: str, eval_dir: str, *, batch_size: int = 128,
+                 device: str | torch.device = "cpu", steps: int = 500, lr: float = 1e-2, seed: int = 0) -> dict[str, Any]:
+    """CLIP's linear probe: a logistic regression on the frozen, L2-normalised image embeddings of
+    ``train_dir``'s labelled samples, scored on ``eval_dir``'s. Says whether the image tower
+    encodes the labels at all, whatever the text tower has learnt. Full-batch Adam, seeded."""
+    model = getattr(model, "module", model)
+    was_training = model.training
+    model.eval()
+    try:
+        (xt, yt), (xe, ye) = (_labelled(model, preprocess, d, batch_size, device) for d in (train_dir, eval_dir))
+    finally:
+        model.train(was_training)
+    if not len(yt) or not len(ye):
+        return {"skipped": "no labelled samples in " + (train_dir if not len(yt) else eval_dir)}
+    n_classes = int(max(yt.max(), ye.max())) + 1
+    gen = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(xt.shape[1], n_classes)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.01)
+        head.bias.zero_()
+    opt = torch.optim.Adam(head.parameters(), lr=lr)
+    # The embeddings are unit vectors: a fixed gain lets the logits reach confident values quickly.
+    for _ in range(steps):
+        loss = F.cross_entropy(head(xt * 10), yt)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        top1 = float((head(xe * 10).argmax(1) == ye).double().mean())
+    counts = torch.bincount(ye, minlength=n_classes).double()
+    return {"top1": top1, "chance_top1": float(counts.max() / counts.sum()), "n_train": len(yt), "n": len(ye),
+            "n_classes": n_classes}
+
+
+def _labelled(model, preprocess, data_dir: str, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    emb, rows = encode_split(model, preprocess, data_dir, batch_size, device, Counter())
+    keep = [i for i, r in enumerate(rows) if isinstance(r["label"], int) and r["label"] >= 0]
+    return emb[keep] if keep else emb[:0], torch.tensor([rows[i]["label"] for i in keep], dtype=torch.long)
+
+
 # -- evaluate -------------------------------------------------------------------------------------
 
 def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str, *, batch_size: int = 64,
@@ -385,6 +425,13 @@ def format_table(result: dict[str, Any]) -> str:
                 rows.append((f"  {t} (n={v['n']})", f"{v['accuracy']:.4f}", "0.5000"))
         else:
             rows.append(("compositional", f"skipped: {cp['skipped']}", ""))
+    lp = result.get("linear_probe")
+    if lp is not None:
+        if "top1" in lp:
+            rows.append((f"linear probe top-1 ({lp['n_classes']} classes, {lp['n_train']} train)", f"{lp['top1']:.4f}",
+                         f"{lp['chance_top1']:.4f}"))
+        else:
+            rows.append(("linear probe", f"skipped: {lp['skipped']}", ""))
     if rows:
         w = max(len(r[0]) for r in rows)
         lines.append(f"{'metric'.ljust(w)}  {'value':>8}  {'chance':>8}")
@@ -407,6 +454,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", help="an open_clip pretrained tag (when the target is a model name)")
     p.add_argument("--data", help="labelled set directory (local or fsspec URL)")
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    p.add_argument("--linear-probe", metavar="TRAIN_DIR",
+                   help="also fit a linear probe on this labelled set's frozen image embeddings, scored on --data")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--context-length", type=int, default=None, help="text context (above the model's: Long-CLIP stretch)")
@@ -458,6 +507,9 @@ def eval_cli(argv: list[str]) -> int:
     if set(tasks) - set(TASKS):
         print(f"recap eval: unknown tasks {sorted(set(tasks) - set(TASKS))}; choose from {','.join(TASKS)}", file=sys.stderr)
         return EXIT_USAGE
+    if args.linear_probe and not args.data:
+        print("recap eval: --linear-probe TRAIN_DIR needs --data DIR to score on", file=sys.stderr)
+        return EXIT_USAGE
     if not args.data and not args.clip_benchmark:
         print("recap eval: --data DIR is required (or --clip-benchmark)", file=sys.stderr)
         return EXIT_USAGE
@@ -477,6 +529,9 @@ def eval_cli(argv: list[str]) -> int:
         if args.data:
             result.update(evaluate(model, preprocess, tokenizer, args.data, batch_size=args.batch_size,
                                    device=device, tasks=tasks))
+            if args.linear_probe:
+                result["linear_probe"] = linear_probe(model, preprocess, args.linear_probe, args.data,
+                                                      batch_size=args.batch_size, device=device)
         if args.clip_benchmark:
             result["clip_benchmark"] = run_clip_benchmark(name, pretrained, cb_args, context_length=context_length)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:

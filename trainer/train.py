@@ -188,6 +188,7 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
                                  image_size=_image_size(model), tokenizer=tokenizer, text_choice=cfg.data.text_choice,
                                  syn_weights=cfg.data.syn_weights, online_balance=cfg.data.online_balance,
                                  use_teacher=cfg.loss.kind == "distill", hard_negatives=cfg.loss.hard_negatives,
+                                 negatives_per_sample=cfg.loss.negatives_per_sample,
                                  resampled=cfg.data.resampled, expected_dim=dim,
                                  tag_index=tag_loss.index if tag_loss is not None else None,
                                  image_hard_negatives=cfg.data.image_hard_negatives,
