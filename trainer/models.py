@@ -6,9 +6,10 @@
 - ``recap-tiny``        CLIP: ViT 64 px / patch 8 / width 128 / 2 layers; text width 128 / 2 layers, context 77
 - ``recap-tiny-siglip`` the same towers with SigLIP's init (logit scale 10, logit bias -10)
 - ``recap-tiny-coca``   a tiny CoCa (attentional pooler, CLS text tower, 2-layer multimodal decoder)
-- ``recap-tiny-cnn``    the recap-tiny text tower with a timm ResNet-10-T image tower (64 px, BatchNorm):
-                      slower per step, but a CNN learns the demo world's shapes where the tiny ViT
-                      does not (see the README's trainer section)
+- ``recap-tiny-cnn``    a timm ResNet-10-T image tower (32 px, BatchNorm) and the recap-tiny text tower
+                      at context 32 (the demo's captions need at most 27 tokens; at 77 the text
+                      tower cost more than the image tower): a CNN learns the demo world's shapes
+                      where the tiny ViT does not (see the README's trainer section)
 
 Our configs use open_clip's ``SimpleTokenizer`` (vocab 49408) whatever their name says (open_clip
 picks an HF SigLIP tokenizer for any name containing "siglip", which would need a download).
