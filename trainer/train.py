@@ -115,7 +115,7 @@ class MetricsLog:
         if self.fields is None:
             self.fields = list(row) if new else _csv_header(fs, path) or list(row)
         fs.makedirs(fs._parent(path), exist_ok=True)
-        with fs.open(path, "a") as f:  # appends: on object stores keep `output` local or mounted
+        with fs.open(path, "a") as f:  # on S3, s3fs appends by rewriting the object: fine for a CSV this small
             w = csv.DictWriter(f, fieldnames=self.fields, extrasaction="ignore")
             if new:
                 w.writeheader()
