@@ -54,8 +54,8 @@ class ReinforcedDataset(IterableDataset):
     tokenizer), ``uid``, ``aug_index`` (param_aug row replayed; -1 for a drawn plain crop),
     ``text_index`` (0 = GT, k = syn_text[k-1]), ``text_source``; with ``use_teacher``:
     ``teacher_image`` [D], ``teacher_text`` [D]; with ``hard_negatives``: ``neg_text`` [0..n, ctx]
-    (``negatives_per_sample`` negatives, preferring those made from the chosen text) and with a teacher ``teacher_neg_text``
-    [0..n, D] (with ``long_negatives``, the chosen negative's ``neg_text_long``, or syn.json's
+    (``negatives_per_sample`` negatives, preferring those made from the chosen text) and with a
+    teacher ``teacher_neg_text`` [0..n, D] (with ``long_negatives``, the chosen negative's ``neg_text_long``, or syn.json's
     ``long_negative``, is one more ``neg_text`` row); with ``tag_index`` (HQ-CLIP short tags): ``tag_pos`` and ``tag_neg``, lists of tag ids.
 
     ``stats`` counts skipped samples and damaged shards by reason (in the process that iterates;
@@ -370,7 +370,6 @@ class ReinforcedDataset(IterableDataset):
                 out["teacher_neg_text"] = torch.from_numpy(np.asarray(s["neg_text_emb"][chosen], np.float32)) \
                     if chosen else torch.zeros((0, d))
         return out
-
 
     def _pick_negatives(self, cand: list[int], uid: str) -> list[int]:
         """Up to negatives_per_sample of the candidate negatives, drawn by (seed, epoch, uid); the

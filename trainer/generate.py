@@ -19,8 +19,9 @@ import torch.nn.functional as F
 SOT, EOT, PAD = 49406, 49407, 0
 
 
-def _next_logprobs(model, images, seqs, latent, embs, min_len: int) -> torch.Tensor:
-    logits = model(images, seqs, image_latent=latent, image_embs=embs, output_labels=False)["logits"][:, -1]
+def _next_logprobs(model, seqs, latent, embs, min_len: int) -> torch.Tensor:
+    # The image's latent and token embeddings are given, so CoCa's forward never reads the image.
+    logits = model(None, seqs, image_latent=latent, image_embs=embs, output_labels=False)["logits"][:, -1]
     logp = F.log_softmax(logits.float(), dim=-1)
     if seqs.shape[1] < min_len:  # the start token counts, as in open_clip's MinLengthLogitsProcessor
         logp[:, EOT] = float("-inf")
@@ -46,17 +47,17 @@ def generate(model, images: torch.Tensor, *, max_len: int = 30, min_len: int = 5
     try:
         latent, embs = model._encode_image(images)
         if num_beams == 1:
-            return _greedy(model, images, latent, embs, max_len, min_len)
-        return _beam(model, images, latent, embs, max_len, min_len, num_beams, length_penalty)
+            return _greedy(model, latent, embs, max_len, min_len)
+        return _beam(model, latent, embs, max_len, min_len, num_beams, length_penalty)
     finally:
         model.train(was_training)
 
 
-def _greedy(model, images, latent, embs, max_len, min_len) -> torch.Tensor:
-    seqs = torch.full((images.shape[0], 1), SOT, dtype=torch.long, device=images.device)
-    done = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
+def _greedy(model, latent, embs, max_len, min_len) -> torch.Tensor:
+    seqs = torch.full((latent.shape[0], 1), SOT, dtype=torch.long, device=latent.device)
+    done = torch.zeros(latent.shape[0], dtype=torch.bool, device=latent.device)
     while seqs.shape[1] < max_len and not done.all():
-        logp = _next_logprobs(model, images, seqs, latent, embs, min_len)
+        logp = _next_logprobs(model, seqs, latent, embs, min_len)
         nxt = logp.argmax(-1)
         if seqs.shape[1] == max_len - 1:
             nxt = torch.full_like(nxt, EOT)  # out of room: end here
@@ -66,16 +67,16 @@ def _greedy(model, images, latent, embs, max_len, min_len) -> torch.Tensor:
     return seqs
 
 
-def _beam(model, images, latent, embs, max_len, min_len, k, length_penalty) -> torch.Tensor:
-    b, dev = images.shape[0], images.device
-    rep = lambda t: t.repeat_interleave(k, 0)  # noqa: E731  (beams of one image are adjacent)
-    images_k, latent_k, embs_k = rep(images), rep(latent), rep(embs)
+def _beam(model, latent, embs, max_len, min_len, k, length_penalty) -> torch.Tensor:
+    b, dev = latent.shape[0], latent.device
+    # beams of one image are adjacent rows
+    latent_k, embs_k = latent.repeat_interleave(k, 0), embs.repeat_interleave(k, 0)
     seqs = torch.full((b * k, 1), SOT, dtype=torch.long, device=dev)
     scores = torch.full((b, k), float("-inf"), device=dev)
     scores[:, 0] = 0.0  # all beams start equal: expand only the first
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(b)]
     while seqs.shape[1] < max_len:
-        logp = _next_logprobs(model, images_k, seqs, latent_k, embs_k, min_len)
+        logp = _next_logprobs(model, seqs, latent_k, embs_k, min_len)
         if seqs.shape[1] == max_len - 1:  # out of room: every beam ends here
             logp = torch.where(torch.arange(logp.shape[1], device=dev) == EOT, logp, torch.full_like(logp, float("-inf")))
         vocab = logp.shape[1]
@@ -104,7 +105,7 @@ def _beam(model, images, latent, embs, max_len, min_len, k, length_penalty) -> t
                 keep_score.append(float("-inf"))
         seqs = torch.cat([seqs[keep_rows], torch.tensor(keep_tok, device=dev)[:, None]], 1)
         scores = torch.tensor(keep_score, device=dev).reshape(b, k)
-        if all(len(f) >= k and max(sc for sc, _ in f) >= scores[i].max().item() / max(1, seqs.shape[1]) ** length_penalty
+        if all(len(f) >= k and max(sc for sc, _ in f) >= scores[i].max().item() / seqs.shape[1] ** length_penalty
                for i, f in enumerate(finished)):
             break
     best = [max(f, key=lambda x: x[0])[1] for f in finished]
