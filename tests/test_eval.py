@@ -231,6 +231,56 @@ def test_damaged_members_and_shards_are_skipped_and_counted(heldout, tmp_path):
     _check_valid(r)
 
 
+def test_further_label_sets(heldout, tmp_path):
+    """tasks/NAME/ label sets: read from each sample's json ``labels``, scored like the main one
+    (an oracle: 1.0 where the labels are the truth, 0.0 where they are shifted by one class);
+    missing labels leave only that set, bad ones are counted, a folder without class names is
+    reported as skipped."""
+    data = tmp_path / "sets"
+    shutil.copytree(heldout, data)
+    shutil.rmtree(data / "tasks")
+    shapes = (heldout / "classnames.txt").read_text()
+    for name in ("same", "shifted", "partial"):
+        (data / "tasks" / name).mkdir(parents=True)
+        (data / "tasks" / name / "classnames.txt").write_text(shapes)
+    (data / "tasks" / "nonames").mkdir()
+    keys = sorted({n.split(".")[0] for n in tarfile.open(heldout / "shards" / "00000.tar").getnames()})
+    odd = {keys[1]: "x", keys[2]: True, keys[3]: 99}  # bad, bad (a bool is no label), out of range
+    cls = {}
+
+    def edit(name, payload):
+        key, ext = name.split(".", 1)
+        if ext == "cls":
+            cls[key] = int(payload)
+        if ext != "json":
+            return payload
+        meta = json.loads(payload)
+        labels = {"same": cls[key], "shifted": (cls[key] + 1) % 14}
+        if keys.index(key) % 2 == 0 or key in odd:
+            labels["partial"] = odd.get(key, cls[key])
+        meta["labels"] = labels
+        return json.dumps(meta).encode()
+
+    _rewrite_tar(heldout / "shards" / "00000.tar", data / "shards" / "00000.tar", edit)
+    oracle = Oracle(_samples(heldout), shapes.split())
+    r = evaluate(oracle, oracle.preprocess, oracle.tokenizer, str(data))
+    sets = r["zeroshot_label_sets"]
+    assert list(sets) == ["nonames", "partial", "same", "shifted"]
+    assert sets["same"]["top1"] == r["zeroshot"]["top1"] == 1.0 and sets["same"]["n"] == 60
+    assert sets["shifted"]["top1"] == 0.0 and sets["shifted"]["n"] == 60
+    assert sets["partial"]["top1"] == 1.0 and sets["partial"]["n"] == 30 - 1  # keys[2] is even: bool
+    assert r["skipped"] == {"bad_label[partial]": 2, "label_out_of_range[partial]": 1}
+    assert sets["nonames"] == {"skipped": "no classnames.txt"}
+    assert flatten(r)["zeroshot/same/top1"] == 1.0 and flatten(r)["zeroshot/shifted/top1"] == 0.0
+    table = format_table(r)
+    assert "zero-shot top-1, shifted (14 classes)" in table and "zero-shot, nonames" in table
+
+    # a label set with its own prompts: the oracle reads no plural, so that set falls to about chance
+    (data / "tasks" / "same" / "templates.txt").write_text("a photo of {}s.\n")
+    r = evaluate(oracle, oracle.preprocess, oracle.tokenizer, str(data), tasks=("zeroshot",))
+    assert r["zeroshot"]["top1"] == 1.0 and r["zeroshot_label_sets"]["same"]["top1"] < 0.4
+
+
 def test_missing_data_and_task_skips(tmp_path, heldout):
     model, _, preprocess, tok = create_model("recap-tiny")
     with pytest.raises(FileNotFoundError):

@@ -90,25 +90,30 @@ def test_data_checkpoints_and_resume_on_s3(tmp_path, worlds, s3_endpoint):
 
 
 def test_tiny_model_learns_the_demo_world(tmp_path, worlds):
-    """Within a CPU-minute the tiny model learns what the captions say about colour: held-out
-    retrieval and the colour-swap negatives rise well above chance. (Shape is not learnt this
-    fast yet; zero-shot over shape classes stays near chance, see the README.)"""
+    """Within a CPU-minute the tiny model learns what the captions say about colour: zero-shot over
+    the dominant colour (the held-out split's `colour` label set), held-out retrieval and the
+    colour-swap negatives rise well above chance. (Shape is not learnt this fast: zero-shot over
+    the shape classes stays near chance, see the README and bench/caption_content.py.)"""
     from trainer.eval import evaluate
     from trainer.models import create_model
 
     data, held = worlds
-    cfg = load_train_config(_cfg(tmp_path, data, steps=40, **{"data.batch_size": 48, "optim.lr": 2e-3,
-                                                            "optim.warmup": 10, "threads": 2}))
+    # about 21 s of training on 2 cores (0.41-0.43 colour zero-shot over three seeds, chance 0.077)
+    cfg = load_train_config(_cfg(tmp_path, data, steps=120, **{"data.batch_size": 48, "optim.warmup": 10,
+                                                             "model.name": "recap-tiny-cnn", "threads": 2}))
     summary = train(cfg)
-    assert summary["step"] == 40
-    model, _, pre_val, tok = create_model("recap-tiny", pretrained=str(tmp_path / "run/checkpoints/step_40.pt"))
-    res = evaluate(model, pre_val, tok, str(held), tasks=("retrieval", "compositional"))
+    assert summary["step"] == 120
+    model, _, pre_val, tok = create_model("recap-tiny-cnn", pretrained=str(tmp_path / "run/checkpoints/step_120.pt"))
+    res = evaluate(model, pre_val, tok, str(held))
+    colour = res["zeroshot_label_sets"]["colour"]
+    assert colour["n"] == res["n"] and colour["top1"] > 3 * colour["chance_top1"], colour
     r = res["retrieval"]
     assert r["image_to_text"]["R@10"] > 3 * r["chance"]["R@10"], r
     assert res["compositional"]["by_type"]["replace_colour"]["accuracy"] > 0.75, res["compositional"]
-    untrained, _, _, _ = create_model("recap-tiny")
-    base = evaluate(untrained, pre_val, tok, str(held), tasks=("retrieval",))["retrieval"]
-    assert r["image_to_text"]["R@10"] > base["image_to_text"]["R@10"] + 0.1
+    untrained, _, _, _ = create_model("recap-tiny-cnn")
+    base = evaluate(untrained, pre_val, tok, str(held))
+    assert r["image_to_text"]["R@10"] > base["retrieval"]["image_to_text"]["R@10"] + 0.1
+    assert colour["top1"] > base["zeroshot_label_sets"]["colour"]["top1"] + 0.15
 
 
 def test_two_ranks_with_torchrun_and_ray_train(tmp_path, worlds):

@@ -28,7 +28,7 @@ from tests.conftest import free_port
 from world import DEFAULT_PORT, generate_world, serve
 from world.captions import exact_en, foreign
 from world.generate import FAULTS, TOO_LARGE_BYTES
-from world.scenes import CONCEPTS, SHAPES, concept_of, image_size, sample_scene
+from world.scenes import COLOURS, CONCEPTS, SHAPES, concept_of, image_size, sample_scene
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = 300
@@ -426,6 +426,13 @@ def test_heldout_split_is_clean_readable_and_consistent(world):
     classnames = (d / "classnames.txt").read_text().splitlines()
     assert classnames == list(SHAPES)
     assert all("{}" in t for t in (d / "templates.txt").read_text().splitlines())
+    # further label sets: the dominant colour (own prompts) and the concept (the main prompts)
+    assert sorted(p.name for p in (d / "tasks").iterdir()) == ["colour", "concept"]
+    colours = (d / "tasks/colour/classnames.txt").read_text().splitlines()
+    concepts = (d / "tasks/concept/classnames.txt").read_text().splitlines()
+    assert colours == list(COLOURS) and len(concepts) == len(set(concepts)) == len(COLOURS) * len(SHAPES)
+    assert all("{}" in t for t in (d / "tasks/colour/templates.txt").read_text().splitlines())
+    assert not (d / "tasks/concept/templates.txt").exists()
     index = pq.read_table(d / "index.parquet").to_pylist()
     assert len(index) == 60
     with tarfile.open(d / "shards/00000.tar") as tar:
@@ -442,6 +449,8 @@ def test_heldout_split_is_clean_readable_and_consistent(world):
         dom = scene["objects"][0]
         label = int(files[f"{k}.cls"])
         assert label == r["label"] == meta["label"] == classnames.index(dom["shape"])
+        assert meta["labels"] == {"colour": colours.index(dom["colour"]),
+                                  "concept": concepts.index(f"{dom['colour']} {dom['shape']}")}
         assert meta["classname"] == r["classname"] == dom["shape"]
         assert all(o["size"] == "small" for o in scene["objects"][1:]) and dom["size"] != "small"
         caption = files[f"{k}.txt"].decode()

@@ -7,6 +7,9 @@ Labelled set ("simple folder/webdataset format"; the demo world's ``heldout/`` i
                          {key}.cls integer label, {key}.json with optional neg_caption, neg_type
     DIR/classnames.txt   one class name per line (line i = label i)
     DIR/templates.txt    prompt templates with "{}" (default: "a photo of a {}.")
+    DIR/tasks/NAME/classnames.txt   optional further label sets (the dominant colour, say); each
+                         sample's label for NAME is ``labels.NAME`` in its {key}.json, and the
+                         prompts are tasks/NAME/templates.txt (default: DIR's templates)
 
 DIR may be a local path or any fsspec URL. A sample without an image or a caption, with an
 image that does not decode, or a shard that is cut short is skipped and counted in
@@ -16,7 +19,9 @@ retrieval and the compositional test, and only leaves zero-shot.
 Metrics (all in [0, 1]; ties are broken at random *in expectation*, so a model that cannot tell
 things apart scores chance, not 1.0):
 
-- zero-shot top-1/top-5: class embedding = normalised mean of the normalised template embeddings
+- zero-shot top-1/top-5: class embedding = normalised mean of the normalised template embeddings;
+  the same for every further label set (``result["zeroshot_label_sets"][NAME]``), over the samples
+  that carry a label for it
 - retrieval image→text and text→image R@1/5/10: the positives of an image are the texts equal to
   its caption (identical captions of two images are both right)
 - compositional: per sample with a ``neg_caption``, right iff sim(image, caption) >
@@ -302,6 +307,7 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str, *,
 
         {"n": samples used, "skipped": {reason: count}, "data": data_dir,
          "zeroshot":      {"top1", "top5", "chance_top1", "chance_top5", "n", "n_classes", "per_class_top1"},
+         "zeroshot_label_sets": {NAME: the same, per tasks/NAME/ folder}   (only when there are any)
          "retrieval":     {"image_to_text": {"R@1","R@5","R@10"}, "text_to_image": {...}, "chance": {...}, "n"},
          "compositional": {"accuracy", "chance", "n", "by_type": {neg_type: {"accuracy", "n"}}}}
 
@@ -336,6 +342,12 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str, *,
         if "zeroshot" in tasks:
             result["zeroshot"] = _zeroshot(model, tokenizer, image_emb, labels, classnames, templates,
                                            batch_size, device, skipped)
+            sets = _label_sets(fs, root, templates)
+            if sets:
+                result["zeroshot_label_sets"] = {
+                    name: _zeroshot(model, tokenizer, image_emb, _set_labels(rows, name, skipped), names, tmpl,
+                                    batch_size, device, skipped, f"[{name}]")
+                    for name, (names, tmpl) in sets.items()}
             result["skipped"] = dict(sorted(skipped.items()))
         if "retrieval" in tasks:
             result["retrieval"] = retrieval_metrics(image_emb, text_emb, captions)
@@ -353,14 +365,42 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str, *,
         model.train(was_training)
 
 
-def _zeroshot(model, tokenizer, image_emb, labels, classnames, templates, batch_size, device, skipped):
+def _label_sets(fs, root: str, templates: list[str]) -> dict[str, tuple[list[str] | None, list[str]]]:
+    """NAME → (classnames, templates) of every ``tasks/NAME/`` folder, in name order."""
+    out: dict[str, tuple[list[str] | None, list[str]]] = {}
+    if not fs.isdir(f"{root}/tasks"):
+        return out
+    for d in sorted(fs.ls(f"{root}/tasks", detail=False)):
+        if fs.isdir(d):
+            d = d.rstrip("/")
+            name = d.rsplit("/", 1)[-1]
+            out[name] = (_read_lines(fs, f"{d}/classnames.txt"), _read_lines(fs, f"{d}/templates.txt") or templates)
+    return out
+
+
+def _set_labels(rows: list[dict[str, Any]], name: str, skipped: Counter) -> list[int | None]:
+    """Each sample's label for label set ``name`` (``labels.NAME`` in its json), None if it has
+    none; a value that is not an integer is counted as ``bad_label[NAME]``."""
+    out: list[int | None] = []
+    for r in rows:
+        labels = r["meta"].get("labels")
+        lab = labels.get(name) if isinstance(labels, dict) else None
+        if lab is not None and (isinstance(lab, bool) or not isinstance(lab, int)):
+            skipped[f"bad_label[{name}]"] += 1
+            lab = None
+        out.append(lab)
+    return out
+
+
+def _zeroshot(model, tokenizer, image_emb, labels, classnames, templates, batch_size, device, skipped,
+              which: str = ""):
     if not classnames:
         return {"skipped": "no classnames.txt"}
     n_classes = len(classnames)
     keep = [i for i, lab in enumerate(labels) if lab is not None and 0 <= lab < n_classes]
     out_of_range = sum(1 for lab in labels if lab is not None and not 0 <= lab < n_classes)
     if out_of_range:
-        skipped["label_out_of_range"] += out_of_range
+        skipped[f"label_out_of_range{which}"] += out_of_range
     if not keep:
         return {"skipped": "no sample has a valid label"}
     class_emb = class_embeddings(model, tokenizer, classnames, templates, batch_size, device)
@@ -384,6 +424,9 @@ def flatten(result: dict[str, Any]) -> dict[str, float]:
     zs = result.get("zeroshot", {})
     if "top1" in zs:
         flat.update({"zeroshot/top1": zs["top1"], "zeroshot/top5": zs["top5"]})
+    for name, r in result.get("zeroshot_label_sets", {}).items():
+        if "top1" in r:
+            flat.update({f"zeroshot/{name}/top1": r["top1"], f"zeroshot/{name}/top5": r["top5"]})
     rt = result.get("retrieval", {})
     for d in ("image_to_text", "text_to_image"):
         for k, v in rt.get(d, {}).items():
@@ -409,6 +452,12 @@ def format_table(result: dict[str, Any]) -> str:
                      ("zero-shot top-5", f"{zs['top5']:.4f}", f"{zs['chance_top5']:.4f}")]
         else:
             rows.append(("zero-shot", f"skipped: {zs['skipped']}", ""))
+    for name, r in result.get("zeroshot_label_sets", {}).items():
+        if "top1" in r:
+            rows += [(f"zero-shot top-1, {name} ({r['n_classes']} classes)", f"{r['top1']:.4f}", f"{r['chance_top1']:.4f}"),
+                     (f"zero-shot top-5, {name}", f"{r['top5']:.4f}", f"{r['chance_top5']:.4f}")]
+        else:
+            rows.append((f"zero-shot, {name}", f"skipped: {r['skipped']}", ""))
     rt = result.get("retrieval")
     if rt is not None:
         if "image_to_text" in rt:
@@ -445,7 +494,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="recap eval",
         description="Zero-shot, retrieval and compositional evaluation of a checkpoint (or an open_clip model) "
-                    "on a labelled set (shards/*.tar + classnames.txt + templates.txt).",
+                    "on a labelled set (shards/*.tar + classnames.txt + templates.txt, and further label sets in "
+                    "tasks/NAME/).",
         epilog="Arguments after `--` go to clip_benchmark's `eval` (with --clip-benchmark), e.g. "
                "`-- --dataset cifar10 --dataset_root DIR`.")
     p.add_argument("target", metavar="CHECKPOINT_OR_MODEL",

@@ -8,7 +8,8 @@ Layout written under ``out`` (see DESIGN.md, "The demo world"):
                      duplicate group, fault and the ledger reason the downloader must give
     routes.json      path -> how the server answers (file, status, delay, headers, redirect, ...)
     files/           the bytes served
-    heldout/         clean evaluation split: shards/00000.tar, index.parquet, classnames.txt, templates.txt
+    heldout/         clean evaluation split: shards/00000.tar, index.parquet, classnames.txt (the
+                     dominant shape), templates.txt, tasks/{colour,concept}/ (further label sets)
 
 Determinism: every per-sample draw comes from a ``random.Random`` seeded by (seed, what, index),
 global structure (which rows are faulty, duplicated, the web's order) from one plan stream, and
@@ -76,6 +77,12 @@ PNG_RATE = 0.1
 LICENSES = ("CC-BY-4.0", "CC0-1.0", "CC-BY-SA-4.0", "all-rights-reserved", "unknown")
 TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "an illustration of a {}.", "a {} shape.",
              "a picture of the {}.", "clip art of a {}.")
+# Further zero-shot label sets of the held-out split (trainer.eval's tasks/NAME/): the dominant
+# object's colour, and its concept (colour + shape, the unit the web's Zipf law and MetaCLIP's
+# metadata are over). The main label set is the dominant shape.
+COLOUR_TEMPLATES = ("a photo of a {} shape.", "a drawing of a {} shape.", "an illustration of a {} object.",
+                    "clip art of a {} shape.")
+CONCEPT_CLASSES = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES)
 HELDOUT_SHARD_SIZE = 10000
 _PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # on the render workers' PYTHONPATH
 
@@ -440,12 +447,20 @@ def _write_heldout(out: Path, items: list[dict[str, Any]], images: list[bytes]) 
     (d / "shards").mkdir(parents=True, exist_ok=True)
     (d / "classnames.txt").write_text("".join(f"{s}\n" for s in SHAPES))
     (d / "templates.txt").write_text("".join(f"{t}\n" for t in TEMPLATES))
+    for name, classes, templates in (("colour", tuple(COLOURS), COLOUR_TEMPLATES), ("concept", CONCEPT_CLASSES, None)):
+        (d / "tasks" / name).mkdir(parents=True, exist_ok=True)
+        (d / "tasks" / name / "classnames.txt").write_text("".join(f"{c}\n" for c in classes))
+        if templates:
+            (d / "tasks" / name / "templates.txt").write_text("".join(f"{t}\n" for t in templates))
     for s in range(max(1, -(-len(items) // HELDOUT_SHARD_SIZE))):
         part = range(s * HELDOUT_SHARD_SIZE, min(len(items), (s + 1) * HELDOUT_SHARD_SIZE))
         with tarfile.open(d / "shards" / f"{s:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
             for i in part:
                 it = items[i]
-                meta = {"scene": it["scene"], "label": it["label"], "classname": it["classname"],
+                dom = it["scene"]["objects"][0]
+                labels = {"colour": list(COLOURS).index(dom["colour"]),
+                          "concept": CONCEPT_CLASSES.index(f"{dom['colour']} {dom['shape']}")}
+                meta = {"scene": it["scene"], "label": it["label"], "classname": it["classname"], "labels": labels,
                         "neg_caption": it["neg_caption"], "neg_type": it["neg_type"]}
                 # Members sorted by name within a sample: byte-identical tars.
                 _tar_add(tar, f"{it['key']}.cls", str(it["label"]).encode())
