@@ -232,18 +232,18 @@ def test_damaged_members_and_shards_are_skipped_and_counted(heldout, tmp_path):
 
 
 def test_further_label_sets(heldout, tmp_path):
-    """tasks/NAME/ label sets: read from each sample's json ``labels``, scored like the main one
+    """label_sets/NAME/: labels read from each sample's json ``labels``, scored like the main one
     (an oracle: 1.0 where the labels are the truth, 0.0 where they are shifted by one class);
     missing labels leave only that set, bad ones are counted, a folder without class names is
     reported as skipped."""
     data = tmp_path / "sets"
     shutil.copytree(heldout, data)
-    shutil.rmtree(data / "tasks")
+    shutil.rmtree(data / "label_sets")
     shapes = (heldout / "classnames.txt").read_text()
     for name in ("same", "shifted", "partial"):
-        (data / "tasks" / name).mkdir(parents=True)
-        (data / "tasks" / name / "classnames.txt").write_text(shapes)
-    (data / "tasks" / "nonames").mkdir()
+        (data / "label_sets" / name).mkdir(parents=True)
+        (data / "label_sets" / name / "classnames.txt").write_text(shapes)
+    (data / "label_sets" / "nonames").mkdir()
     keys = sorted({n.split(".")[0] for n in tarfile.open(heldout / "shards" / "00000.tar").getnames()})
     odd = {keys[1]: "x", keys[2]: True, keys[3]: 99}  # bad, bad (a bool is no label), out of range
     cls = {}
@@ -276,7 +276,7 @@ def test_further_label_sets(heldout, tmp_path):
     assert "zero-shot top-1, shifted (14 classes)" in table and "zero-shot, nonames" in table
 
     # a label set with its own prompts: the oracle reads no plural, so that set falls to about chance
-    (data / "tasks" / "same" / "templates.txt").write_text("a photo of {}s.\n")
+    (data / "label_sets" / "same" / "templates.txt").write_text("a photo of {}s.\n")
     r = evaluate(oracle, oracle.preprocess, oracle.tokenizer, str(data), tasks=("zeroshot",))
     assert r["zeroshot"]["top1"] == 1.0 and r["zeroshot_label_sets"]["same"]["top1"] < 0.4
 

@@ -427,12 +427,12 @@ def test_heldout_split_is_clean_readable_and_consistent(world):
     assert classnames == list(SHAPES)
     assert all("{}" in t for t in (d / "templates.txt").read_text().splitlines())
     # further label sets: the dominant colour (own prompts) and the concept (the main prompts)
-    assert sorted(p.name for p in (d / "tasks").iterdir()) == ["colour", "concept"]
-    colours = (d / "tasks/colour/classnames.txt").read_text().splitlines()
-    concepts = (d / "tasks/concept/classnames.txt").read_text().splitlines()
+    assert sorted(p.name for p in (d / "label_sets").iterdir()) == ["colour", "concept"]
+    colours = (d / "label_sets/colour/classnames.txt").read_text().splitlines()
+    concepts = (d / "label_sets/concept/classnames.txt").read_text().splitlines()
     assert colours == list(COLOURS) and len(concepts) == len(set(concepts)) == len(COLOURS) * len(SHAPES)
-    assert all("{}" in t for t in (d / "tasks/colour/templates.txt").read_text().splitlines())
-    assert not (d / "tasks/concept/templates.txt").exists()
+    assert all("{}" in t for t in (d / "label_sets/colour/templates.txt").read_text().splitlines())
+    assert not (d / "label_sets/concept/templates.txt").exists()
     index = pq.read_table(d / "index.parquet").to_pylist()
     assert len(index) == 60
     with tarfile.open(d / "shards/00000.tar") as tar:

@@ -7,9 +7,10 @@ Labelled set ("simple folder/webdataset format"; the demo world's ``heldout/`` i
                          {key}.cls integer label, {key}.json with optional neg_caption, neg_type
     DIR/classnames.txt   one class name per line (line i = label i)
     DIR/templates.txt    prompt templates with "{}" (default: "a photo of a {}.")
-    DIR/tasks/NAME/classnames.txt   optional further label sets (the dominant colour, say); each
-                         sample's label for NAME is ``labels.NAME`` in its {key}.json, and the
-                         prompts are tasks/NAME/templates.txt (default: DIR's templates)
+    DIR/label_sets/NAME/classnames.txt
+                         optional further label sets (the dominant colour, say): a sample's label
+                         for NAME is ``labels.NAME`` in its {key}.json, the prompts are
+                         label_sets/NAME/templates.txt (default: DIR's templates)
 
 DIR may be a local path or any fsspec URL. A sample without an image or a caption, with an
 image that does not decode, or a shard that is cut short is skipped and counted in
@@ -307,7 +308,7 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str, *,
 
         {"n": samples used, "skipped": {reason: count}, "data": data_dir,
          "zeroshot":      {"top1", "top5", "chance_top1", "chance_top5", "n", "n_classes", "per_class_top1"},
-         "zeroshot_label_sets": {NAME: the same, per tasks/NAME/ folder}   (only when there are any)
+         "zeroshot_label_sets": {NAME: the same, per label_sets/NAME/ folder}   (only when there are any)
          "retrieval":     {"image_to_text": {"R@1","R@5","R@10"}, "text_to_image": {...}, "chance": {...}, "n"},
          "compositional": {"accuracy", "chance", "n", "by_type": {neg_type: {"accuracy", "n"}}}}
 
@@ -366,11 +367,11 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str, *,
 
 
 def _label_sets(fs, root: str, templates: list[str]) -> dict[str, tuple[list[str] | None, list[str]]]:
-    """NAME → (classnames, templates) of every ``tasks/NAME/`` folder, in name order."""
+    """NAME → (classnames, templates) of every ``label_sets/NAME/`` folder, in name order."""
     out: dict[str, tuple[list[str] | None, list[str]]] = {}
-    if not fs.isdir(f"{root}/tasks"):
+    if not fs.isdir(f"{root}/label_sets"):
         return out
-    for d in sorted(fs.ls(f"{root}/tasks", detail=False)):
+    for d in sorted(fs.ls(f"{root}/label_sets", detail=False)):
         if fs.isdir(d):
             d = d.rstrip("/")
             name = d.rsplit("/", 1)[-1]
@@ -495,7 +496,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="recap eval",
         description="Zero-shot, retrieval and compositional evaluation of a checkpoint (or an open_clip model) "
                     "on a labelled set (shards/*.tar + classnames.txt + templates.txt, and further label sets in "
-                    "tasks/NAME/).",
+                    "label_sets/NAME/).",
         epilog="Arguments after `--` go to clip_benchmark's `eval` (with --clip-benchmark), e.g. "
                "`-- --dataset cifar10 --dataset_root DIR`.")
     p.add_argument("target", metavar="CHECKPOINT_OR_MODEL",

@@ -9,7 +9,7 @@ Layout written under ``out`` (see DESIGN.md, "The demo world"):
     routes.json      path -> how the server answers (file, status, delay, headers, redirect, ...)
     files/           the bytes served
     heldout/         clean evaluation split: shards/00000.tar, index.parquet, classnames.txt (the
-                     dominant shape), templates.txt, tasks/{colour,concept}/ (further label sets)
+                     dominant shape), templates.txt, label_sets/{colour,concept}/ (further label sets)
 
 Determinism: every per-sample draw comes from a ``random.Random`` seeded by (seed, what, index),
 global structure (which rows are faulty, duplicated, the web's order) from one plan stream, and
@@ -77,7 +77,7 @@ PNG_RATE = 0.1
 LICENSES = ("CC-BY-4.0", "CC0-1.0", "CC-BY-SA-4.0", "all-rights-reserved", "unknown")
 TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "an illustration of a {}.", "a {} shape.",
              "a picture of the {}.", "clip art of a {}.")
-# Further zero-shot label sets of the held-out split (trainer.eval's tasks/NAME/): the dominant
+# Further zero-shot label sets of the held-out split (trainer.eval's label_sets/NAME/): the dominant
 # object's colour, and its concept (colour + shape, the unit the web's Zipf law and MetaCLIP's
 # metadata are over). The main label set is the dominant shape.
 COLOUR_TEMPLATES = ("a photo of a {} shape.", "a drawing of a {} shape.", "an illustration of a {} object.",
@@ -448,10 +448,10 @@ def _write_heldout(out: Path, items: list[dict[str, Any]], images: list[bytes]) 
     (d / "classnames.txt").write_text("".join(f"{s}\n" for s in SHAPES))
     (d / "templates.txt").write_text("".join(f"{t}\n" for t in TEMPLATES))
     for name, classes, templates in (("colour", tuple(COLOURS), COLOUR_TEMPLATES), ("concept", CONCEPT_CLASSES, None)):
-        (d / "tasks" / name).mkdir(parents=True, exist_ok=True)
-        (d / "tasks" / name / "classnames.txt").write_text("".join(f"{c}\n" for c in classes))
+        (d / "label_sets" / name).mkdir(parents=True, exist_ok=True)
+        (d / "label_sets" / name / "classnames.txt").write_text("".join(f"{c}\n" for c in classes))
         if templates:
-            (d / "tasks" / name / "templates.txt").write_text("".join(f"{t}\n" for t in templates))
+            (d / "label_sets" / name / "templates.txt").write_text("".join(f"{t}\n" for t in templates))
     for s in range(max(1, -(-len(items) // HELDOUT_SHARD_SIZE))):
         part = range(s * HELDOUT_SHARD_SIZE, min(len(items), (s + 1) * HELDOUT_SHARD_SIZE))
         with tarfile.open(d / "shards" / f"{s:05d}.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
