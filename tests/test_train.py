@@ -89,6 +89,31 @@ def test_data_checkpoints_and_resume_on_s3(tmp_path, worlds, s3_endpoint):
     assert rows[0].startswith("step,") and [r.split(",")[0] for r in rows[1:]] == [str(i) for i in range(1, 7)]
 
 
+def test_evaluation_during_training(tmp_path, worlds):
+    """eval_data / eval_every: rank 0 scores the labelled set (eval.jsonl, the summary) every N steps
+    and at the end, and the run's parameters are exactly those of a run without evaluations."""
+    data, held = worlds
+    cnn = {"model.name": "recap-tiny-cnn"}  # batch norm: evaluation must hand the model back in train mode
+    train(load_train_config(_cfg(tmp_path / "a", data, **cnn), output=str(tmp_path / "a/run")))
+    cfg = load_train_config(_cfg(tmp_path / "b", data, eval_data=str(held), eval_every=4, **cnn),
+                            output=str(tmp_path / "b/run"))
+    summary = train(cfg)
+    a, b = _params(tmp_path / "a/run", 6), _params(tmp_path / "b/run", 6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = [json.loads(x) for x in (tmp_path / "b/run/eval.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [4, 6]  # every 4 steps, and at the end
+    for x in lines:
+        assert x["n"] == 280 and x["zeroshot"]["n_classes"] == 14
+        assert x["zeroshot_label_sets"]["colour"]["n"] == 280 and "R@10" in x["retrieval"]["image_to_text"]
+    assert summary["eval"]["zeroshot/colour/top1"] == lines[-1]["zeroshot_label_sets"]["colour"]["top1"]
+
+    bad = load_train_config(_cfg(tmp_path / "c", data, eval_data=str(tmp_path / "nowhere")),
+                            output=str(tmp_path / "c/run"))
+    with pytest.raises(ValueError, match="eval_data: no shards"):
+        train(bad)
+    assert not (tmp_path / "c/run/checkpoints").exists()
+
+
 def test_tiny_model_learns_the_demo_world(tmp_path, worlds):
     """Within a CPU-minute the tiny model learns what the captions say about colour: zero-shot over
     the dominant colour (the held-out split's `colour` label set), held-out retrieval and the

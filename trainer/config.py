@@ -89,7 +89,9 @@ class TrainConfig(_Strict):
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
-    eval_data: str | None = Field(None, description="labelled set for `recap eval` after training")
+    eval_data: str | None = Field(None, description="labelled set (recap eval's format) scored on rank 0 at the end "
+                                                    "and every eval_every steps: eval.jsonl, TensorBoard, W&B")
+    eval_every: int = Field(0, ge=0, description="steps between evaluations on eval_data (0: at the end only)")
     tensorboard: bool = True
     wandb: WandbConfig | None = Field(None, description="also log to Weights & Biases (pip install wandb); "
                                                         "a resumed run continues the same W&B run")

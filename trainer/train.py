@@ -120,12 +120,16 @@ class MetricsLog:
             if new:
                 w.writeheader()
             w.writerow(row)
+        self.scalars({k: v for k, v in row.items() if k != "step"}, row["step"])
+
+    def scalars(self, values: dict, step: int) -> None:
+        """Numbers to TensorBoard and W&B only (metrics.csv keeps its columns)."""
+        values = {k: v for k, v in values.items() if isinstance(v, (int, float))}
         if self.tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, row["step"])
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
         if self.wb is not None:
-            self.wb.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}, step=row["step"])
+            self.wb.log(values, step=step)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -159,8 +163,11 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
         torch.set_num_threads(cfg.threads)
     rank, world, device = dist_setup()
     torch.manual_seed(cfg.seed)  # same initial weights on every rank
-    model, _, _, tokenizer = create_model(cfg.model.name, pretrained=cfg.model.pretrained,
-                                          context_length=cfg.model.context_length, device=str(device), output_dict=True)
+    model, _, preprocess_val, tokenizer = create_model(cfg.model.name, pretrained=cfg.model.pretrained,
+                                                       context_length=cfg.model.context_length, device=str(device),
+                                                       output_dict=True)
+    if cfg.eval_data:  # a wrong path fails now, not after hours of training
+        _check_eval_data(cfg.eval_data)
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)
     tag_loss, heads = _short_tags(cfg, model, rank, world, device)
@@ -252,6 +259,11 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
                        "logit_scale": float(model.logit_scale.detach().exp())}
                 metrics.write(row)
                 summary.update(row)
+            if cfg.eval_data and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                if rank == 0:
+                    summary["eval"] = _evaluate(cfg, model, preprocess_val, tokenizer, device, step, metrics)
+                if dist.is_initialized():
+                    dist.barrier()
             if (cfg.save_every and step % cfg.save_every == 0) or step == last:
                 if rank == 0:
                     save_checkpoint(f"{cfg.output.rstrip('/')}/checkpoints/step_{step}.pt", model=model,
@@ -269,6 +281,37 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
     metrics.close()
     summary.update(step=step, epoch=epoch, seconds=time.time() - t0)
     return summary
+
+
+def _check_eval_data(path: str) -> None:
+    fs, root = fsspec.core.url_to_fs(path)
+    if not fs.glob(f"{root.rstrip('/')}/shards/*.tar"):
+        raise ValueError(f"eval_data: no shards/*.tar under {path} (a labelled set as `recap eval --data` takes)")
+
+
+def _evaluate(cfg: TrainConfig, model, preprocess, tokenizer, device, step: int, metrics: MetricsLog) -> dict:
+    """``recap eval`` on ``cfg.eval_data`` (rank 0): one line of eval.jsonl, the flat metrics to
+    TensorBoard/W&B as ``eval/...``. The RNG states are put back, so a run with evaluations trains
+    exactly as one without."""
+    from trainer.eval import evaluate, flatten
+
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        result = evaluate(model, preprocess, tokenizer, cfg.eval_data, device=device)
+    finally:
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state(cuda_rng, device)
+    flat = flatten(result)
+    fs, path = fsspec.core.url_to_fs(f"{cfg.output.rstrip('/')}/eval.jsonl")
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    with fs.open(path, "a") as f:
+        f.write(json.dumps({"step": step, **result}, default=str) + "\n")
+    metrics.scalars({f"eval/{k}": v for k, v in flat.items()}, step)
+    log.info("step %d eval on %s: %s", step, cfg.eval_data,
+             ", ".join(f"{k} {v:.3f}" for k, v in flat.items() if k.endswith("top1") or k.endswith("R@1")))
+    return flat
 
 
 def _image_size(model) -> int:
