@@ -44,12 +44,16 @@ def generate(model, images: torch.Tensor, *, max_len: int = 30, min_len: int = 5
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     was_training = model.training
     model.eval()
+    # Only the last position's logits are read: cut the decoder's output to it before the vocabulary
+    # projection, which would otherwise cost [rows, length, vocab] every step.
+    last_only = model.text_decoder.ln_final.register_forward_hook(lambda mod, args, out: out[:, -1:])
     try:
         latent, embs = model._encode_image(images)
         if num_beams == 1:
             return _greedy(model, latent, embs, max_len, min_len)
         return _beam(model, latent, embs, max_len, min_len, num_beams, length_penalty)
     finally:
+        last_only.remove()
         model.train(was_training)
 
 
