@@ -421,3 +421,15 @@ def test_linear_probe_reads_what_the_embeddings_hold(heldout, tmp_path, capsys):
     assert out["linear_probe"]["top1"] == pytest.approx(colour["top1"])
     assert eval_cli([str(run), "--linear-probe", str(tmp_path / "train-colour")]) == 2
     assert "needs --data" in capsys.readouterr().err
+
+    # the world's own `colour` label set gives the same probe as the relabelled copies
+    by_set = linear_probe(model, pre, str(tmp_path / "w3" / "heldout"), str(heldout), label_set="colour")
+    assert by_set["label_set"] == "colour" and by_set["n_classes"] == 13
+    assert by_set["top1"] == pytest.approx(colour["top1"]) and by_set["n"] == colour["n"]
+    assert "no samples with label set 'size'" in linear_probe(model, pre, str(tmp_path / "w3" / "heldout"),
+                                                             str(heldout), label_set="size")["skipped"]
+    assert eval_cli([str(run), "--data", str(heldout), "--tasks", "retrieval", "--linear-probe",
+                     str(tmp_path / "w3" / "heldout"), "--probe-labels", "colour"]) == 0
+    assert f"linear probe top-1, colour (13 classes, 260 train)  {colour['top1']:8.4f}" in capsys.readouterr().out
+    assert eval_cli([str(run), "--data", str(heldout), "--probe-labels", "colour"]) == 2
+    assert "goes with --linear-probe" in capsys.readouterr().err

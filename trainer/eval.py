@@ -259,19 +259,25 @@ def compositional_metrics(image_emb: torch.Tensor, pos_emb: torch.Tensor, neg_em
 
 
 def linear_probe(model, preprocess: Callable, train_dir: str, eval_dir: str, *, batch_size: int = 128,
-                 device: str | torch.device = "cpu", steps: int = 500, lr: float = 1e-2, seed: int = 0) -> dict[str, Any]:
+                 device: str | torch.device = "cpu", steps: int = 500, lr: float = 1e-2, seed: int = 0,
+                 label_set: str | None = None) -> dict[str, Any]:
     """CLIP's linear probe: a logistic regression on the frozen, L2-normalised image embeddings of
     ``train_dir``'s labelled samples, scored on ``eval_dir``'s. Says whether the image tower
-    encodes the labels at all, whatever the text tower has learnt. Full-batch Adam, seeded."""
+    encodes the labels at all, whatever the text tower has learnt. Full-batch Adam, seeded.
+    ``label_set``: probe a further label set (``labels.NAME`` in the samples' json) instead of
+    the main labels."""
     model = getattr(model, "module", model)
     was_training = model.training
     model.eval()
     try:
-        (xt, yt), (xe, ye) = (_labelled(model, preprocess, d, batch_size, device) for d in (train_dir, eval_dir))
+        (xt, yt), (xe, ye) = (_labelled(model, preprocess, d, batch_size, device, label_set)
+                              for d in (train_dir, eval_dir))
     finally:
         model.train(was_training)
+    what = f"label set {label_set!r}" if label_set else "labels"
     if not len(yt) or not len(ye):
-        return {"skipped": "no labelled samples in " + (train_dir if not len(yt) else eval_dir)}
+        return {"skipped": f"no samples with {what} in " + (train_dir if not len(yt) else eval_dir),
+                "label_set": label_set}
     n_classes = int(max(yt.max(), ye.max())) + 1
     gen = torch.Generator().manual_seed(seed)
     head = torch.nn.Linear(xt.shape[1], n_classes)
@@ -289,13 +295,15 @@ def linear_probe(model, preprocess: Callable, train_dir: str, eval_dir: str, *, 
         top1 = float((head(xe * 10).argmax(1) == ye).double().mean())
     counts = torch.bincount(ye, minlength=n_classes).double()
     return {"top1": top1, "chance_top1": float(counts.max() / counts.sum()), "n_train": len(yt), "n": len(ye),
-            "n_classes": n_classes}
+            "n_classes": n_classes, "label_set": label_set}
 
 
-def _labelled(model, preprocess, data_dir: str, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _labelled(model, preprocess, data_dir: str, batch_size: int, device,
+              label_set: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     emb, rows = encode_split(model, preprocess, data_dir, batch_size, device, Counter())
-    keep = [i for i, r in enumerate(rows) if isinstance(r["label"], int) and r["label"] >= 0]
-    return emb[keep] if keep else emb[:0], torch.tensor([rows[i]["label"] for i in keep], dtype=torch.long)
+    labels = _set_labels(rows, label_set, Counter()) if label_set else [r["label"] for r in rows]
+    keep = [i for i, lab in enumerate(labels) if isinstance(lab, int) and lab >= 0]
+    return emb[keep] if keep else emb[:0], torch.tensor([labels[i] for i in keep], dtype=torch.long)
 
 
 # -- evaluate -------------------------------------------------------------------------------------
@@ -478,8 +486,9 @@ def format_table(result: dict[str, Any]) -> str:
     lp = result.get("linear_probe")
     if lp is not None:
         if "top1" in lp:
-            rows.append((f"linear probe top-1 ({lp['n_classes']} classes, {lp['n_train']} train)", f"{lp['top1']:.4f}",
-                         f"{lp['chance_top1']:.4f}"))
+            which = f", {lp['label_set']}" if lp.get("label_set") else ""
+            rows.append((f"linear probe top-1{which} ({lp['n_classes']} classes, {lp['n_train']} train)",
+                         f"{lp['top1']:.4f}", f"{lp['chance_top1']:.4f}"))
         else:
             rows.append(("linear probe", f"skipped: {lp['skipped']}", ""))
     if rows:
@@ -507,6 +516,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
     p.add_argument("--linear-probe", metavar="TRAIN_DIR",
                    help="also fit a linear probe on this labelled set's frozen image embeddings, scored on --data")
+    p.add_argument("--probe-labels", metavar="NAME",
+                   help="with --linear-probe: probe the further label set NAME (label_sets/NAME/), not the main labels")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--context-length", type=int, default=None, help="text context (above the model's: Long-CLIP stretch)")
@@ -561,6 +572,9 @@ def eval_cli(argv: list[str]) -> int:
     if args.linear_probe and not args.data:
         print("recap eval: --linear-probe TRAIN_DIR needs --data DIR to score on", file=sys.stderr)
         return EXIT_USAGE
+    if args.probe_labels and not args.linear_probe:
+        print("recap eval: --probe-labels NAME goes with --linear-probe TRAIN_DIR", file=sys.stderr)
+        return EXIT_USAGE
     if not args.data and not args.clip_benchmark:
         print("recap eval: --data DIR is required (or --clip-benchmark)", file=sys.stderr)
         return EXIT_USAGE
@@ -582,7 +596,8 @@ def eval_cli(argv: list[str]) -> int:
                                    device=device, tasks=tasks))
             if args.linear_probe:
                 result["linear_probe"] = linear_probe(model, preprocess, args.linear_probe, args.data,
-                                                      batch_size=args.batch_size, device=device)
+                                                      batch_size=args.batch_size, device=device,
+                                                      label_set=args.probe_labels)
         if args.clip_benchmark:
             result["clip_benchmark"] = run_clip_benchmark(name, pretrained, cb_args, context_length=context_length)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
