@@ -72,12 +72,18 @@ def _split_name(name: str) -> tuple[str, str]:
 def iter_samples(data_dir: str, skipped: Counter) -> Iterator[dict[str, Any]]:
     """Raw samples ``{key, image (bytes), caption, label (int|None), meta (dict)}`` of every shard
     under ``data_dir/shards`` in name order; problems counted in ``skipped``."""
+    fs, shards = list_shards(data_dir)
+    for shard in shards:
+        yield from _iter_shard(fs, shard, skipped)
+
+
+def list_shards(data_dir: str) -> tuple[Any, list[str]]:
+    """(filesystem, sorted paths) of ``data_dir/shards/*.tar``; FileNotFoundError when there are none."""
     fs, root = fsspec.core.url_to_fs(data_dir)
     shards = sorted(fs.glob(f"{root.rstrip('/')}/shards/*.tar"))
     if not shards:
         raise FileNotFoundError(f"no shards/*.tar under {data_dir}")
-    for shard in shards:
-        yield from _iter_shard(fs, shard, skipped)
+    return fs, shards
 
 
 def _iter_shard(fs, shard: str, skipped: Counter) -> Iterator[dict[str, Any]]:
@@ -427,15 +433,18 @@ def class_embeddings(model, tokenizer, classnames: Sequence[str], templates: Seq
     return F.normalize(emb, dim=-1)
 
 
+def _zeroshot_results(result: dict[str, Any]) -> list[tuple[str | None, dict[str, Any] | None]]:
+    """(label set name, its zero-shot result): the main labels (name None) first, then each further set."""
+    return [(None, result.get("zeroshot")), *result.get("zeroshot_label_sets", {}).items()]
+
+
 def flatten(result: dict[str, Any]) -> dict[str, float]:
     """The headline numbers as flat ``task/metric`` keys (for metrics.csv / tensorboard)."""
     flat: dict[str, float] = {}
-    zs = result.get("zeroshot", {})
-    if "top1" in zs:
-        flat.update({"zeroshot/top1": zs["top1"], "zeroshot/top5": zs["top5"]})
-    for name, r in result.get("zeroshot_label_sets", {}).items():
-        if "top1" in r:
-            flat.update({f"zeroshot/{name}/top1": r["top1"], f"zeroshot/{name}/top5": r["top5"]})
+    for name, zs in _zeroshot_results(result):
+        if zs is not None and "top1" in zs:
+            prefix = f"zeroshot/{name}" if name else "zeroshot"
+            flat.update({f"{prefix}/top1": zs["top1"], f"{prefix}/top5": zs["top5"]})
     rt = result.get("retrieval", {})
     for d in ("image_to_text", "text_to_image"):
         for k, v in rt.get(d, {}).items():
@@ -454,19 +463,15 @@ def format_table(result: dict[str, Any]) -> str:
     if result.get("skipped"):
         lines.append("skipped: " + ", ".join(f"{k}={v}" for k, v in result["skipped"].items()))
     rows: list[tuple[str, str, str]] = []
-    zs = result.get("zeroshot")
-    if zs is not None:
+    for name, zs in _zeroshot_results(result):
+        if zs is None:
+            continue
+        which = f", {name}" if name else ""
         if "top1" in zs:
-            rows += [(f"zero-shot top-1 ({zs['n_classes']} classes)", f"{zs['top1']:.4f}", f"{zs['chance_top1']:.4f}"),
-                     ("zero-shot top-5", f"{zs['top5']:.4f}", f"{zs['chance_top5']:.4f}")]
+            rows += [(f"zero-shot top-1{which} ({zs['n_classes']} classes)", f"{zs['top1']:.4f}", f"{zs['chance_top1']:.4f}"),
+                     (f"zero-shot top-5{which}", f"{zs['top5']:.4f}", f"{zs['chance_top5']:.4f}")]
         else:
-            rows.append(("zero-shot", f"skipped: {zs['skipped']}", ""))
-    for name, r in result.get("zeroshot_label_sets", {}).items():
-        if "top1" in r:
-            rows += [(f"zero-shot top-1, {name} ({r['n_classes']} classes)", f"{r['top1']:.4f}", f"{r['chance_top1']:.4f}"),
-                     (f"zero-shot top-5, {name}", f"{r['top5']:.4f}", f"{r['chance_top5']:.4f}")]
-        else:
-            rows.append((f"zero-shot, {name}", f"skipped: {r['skipped']}", ""))
+            rows.append((f"zero-shot{which}", f"skipped: {zs['skipped']}", ""))
     rt = result.get("retrieval")
     if rt is not None:
         if "image_to_text" in rt:

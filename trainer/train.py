@@ -284,9 +284,12 @@ def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = 
 
 
 def _check_eval_data(path: str) -> None:
-    fs, root = fsspec.core.url_to_fs(path)
-    if not fs.glob(f"{root.rstrip('/')}/shards/*.tar"):
-        raise ValueError(f"eval_data: no shards/*.tar under {path} (a labelled set as `recap eval --data` takes)")
+    from trainer.eval import list_shards
+
+    try:
+        list_shards(path)
+    except FileNotFoundError as e:
+        raise ValueError(f"eval_data: {e} (a labelled set as `recap eval --data` takes)") from None
 
 
 def _evaluate(cfg: TrainConfig, model, preprocess, tokenizer, device, step: int, metrics: MetricsLog) -> dict:
