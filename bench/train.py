@@ -322,8 +322,6 @@ def main() -> None:
         return
     if args.precision is None:
         args.precision = "bf16" if args.device == "cuda" else "fp32"
-    if args.device == "cpu" and args.precision != "fp32":
-        ap.error("CPU runs are fp32 (recap ignores autocast on CPU)")
     if args.warmup >= args.steps:
         ap.error("--warmup must be below --steps")
     need = args.steps * args.batch_size * args.nproc

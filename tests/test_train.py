@@ -1,6 +1,7 @@
 """The bundled trainer end to end on CPU: a tiny model learns the demo world, resume is exact,
 torchrun runs two gloo ranks, and bad data stops before step 1 with a clear message."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -60,6 +61,35 @@ def test_resume_is_exact(tmp_path, worlds):
     assert all(torch.equal(a[k], b[k]) for k in a)
     rows = (tmp_path / "b/run/metrics.csv").read_text().splitlines()
     assert rows[0].startswith("step,") and len(rows) == 1 + 6
+
+
+def _first_loss(run: Path) -> float:
+    header, first = (run / "metrics.csv").read_text().splitlines()[:2]
+    return float(dict(zip(header.split(","), first.split(",")))["loss"])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_autocasts_and_resumes_exactly(tmp_path, worlds, precision):
+    """bf16 / fp16 autocast, the code path a GPU run takes (torch autocasts on CPU too): the first
+    loss is fp32's up to half-precision rounding, fp16 checkpoints its gradient scaler, and a resumed
+    run ends with exactly the parameters of an uninterrupted one."""
+    data, _ = worlds
+    train(load_train_config(_cfg(tmp_path / "fp32", data, steps=1)))
+    over = {"optim.precision": precision}
+    train(load_train_config(_cfg(tmp_path / "a", data, **over)))
+    part = load_train_config(_cfg(tmp_path / "b", data, **over))
+    train(part, stop_after=3)
+    train(part, resume="latest")
+    a, b = _params(tmp_path / "a/run", 6), _params(tmp_path / "b/run", 6)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.isfinite(v).all() for v in a.values() if v.is_floating_point())
+    ref, amp = _first_loss(tmp_path / "fp32/run"), _first_loss(tmp_path / "a/run")
+    assert 0 < abs(amp - ref) / ref < 0.02, (ref, amp)  # autocast really ran, and only rounding differs
+    ckpt = torch.load(tmp_path / "a/run/checkpoints/step_6.pt", map_location="cpu", weights_only=False)
+    if precision == "fp16":
+        assert ckpt["scaler"]["scale"] > 0
+    else:
+        assert ckpt["scaler"] is None
 
 
 def test_data_checkpoints_and_resume_on_s3(tmp_path, worlds, s3_endpoint):
@@ -229,6 +259,23 @@ def test_distillation_with_synthetic_texts_negatives_and_online_balancing(tmp_pa
     assert summary["distill_loss"] > 0 and summary["contrastive_loss"] > 0
     header = (tmp_path / "run/metrics.csv").read_text().splitlines()[0].split(",")
     assert {"contrastive_loss", "distill_loss", "lr", "samples_per_s"} <= set(header)
+
+
+def test_two_ranks_in_half_precision(tmp_path):
+    """fp16 autocast with its gradient scaler on two gloo ranks: half-precision features, teachers
+    and hard negatives go through the all-gathers, and the run ends finite on both ranks."""
+    data = _fixture(tmp_path)
+    f = _cfg(tmp_path, data, steps=2, **{"data.batch_size": 8, "loss.kind": "distill", "loss.lambda_distill": 0.5,
+                                         "loss.hard_negatives": True, "loss.teacher_dims": [16, 8],
+                                         "optim.precision": "fp16"})
+    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(f), "--nproc", "2"], cwd=ROOT,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["world_size"] == 2 and out["step"] == 2
+    assert all(math.isfinite(out[k]) and out[k] > 0 for k in ("contrastive_loss", "distill_loss")), out
+    ckpt = torch.load(tmp_path / "run/checkpoints/step_2.pt", map_location="cpu", weights_only=False)
+    assert ckpt["scaler"]["scale"] > 0
 
 
 def test_teacher_dims_that_do_not_match_fail_before_step_one(tmp_path):

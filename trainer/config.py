@@ -65,7 +65,7 @@ class OptimConfig(_Strict):
     schedule: Literal["cosine", "constant"] = "cosine"
     grad_clip: float | None = Field(1.0, gt=0)
     accum: int = Field(1, ge=1, description="gradient accumulation: micro-batches per optimizer step")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision on GPU (CPU runs fp32)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision (GPU or CPU); fp16 adds a gradient scaler")
     fused: bool = Field(True, description="fused AdamW (one kernel over all parameters; CPU and CUDA): "
                                           "5x faster steps than the per-tensor loop for small models")
 
