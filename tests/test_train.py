@@ -50,9 +50,11 @@ def _params(run: Path, step: int) -> dict:
 
 def test_resume_is_exact(tmp_path, worlds):
     data, _ = worlds
-    full = load_train_config(_cfg(tmp_path / "a", data), output=str(tmp_path / "a/run"))
+    # deterministic kernels: what makes this hold on GPUs too (bench/gpu_check.sh runs it on CUDA)
+    full = load_train_config(_cfg(tmp_path / "a", data, deterministic=True), output=str(tmp_path / "a/run"))
     train(full)
-    part = load_train_config(_cfg(tmp_path / "b", data), output=str(tmp_path / "b/run"))
+    assert not torch.are_deterministic_algorithms_enabled()  # the process's setting is put back
+    part = load_train_config(_cfg(tmp_path / "b", data, deterministic=True), output=str(tmp_path / "b/run"))
     train(part, stop_after=3)  # preempted after step 3 (its checkpoint written), then resumed
     assert sorted(p.name for p in (tmp_path / "b/run/checkpoints").glob("*.pt")) == ["step_3.pt"]
     train(part, resume="latest")
@@ -75,7 +77,7 @@ def test_mixed_precision_autocasts_and_resumes_exactly(tmp_path, worlds, precisi
     run ends with exactly the parameters of an uninterrupted one."""
     data, _ = worlds
     train(load_train_config(_cfg(tmp_path / "fp32", data, steps=1)))
-    over = {"optim.precision": precision}
+    over = {"optim.precision": precision, "deterministic": True}
     train(load_train_config(_cfg(tmp_path / "a", data, **over)))
     part = load_train_config(_cfg(tmp_path / "b", data, **over))
     train(part, stop_after=3)

@@ -85,6 +85,9 @@ class TrainConfig(_Strict):
     save_every: int = Field(0, ge=0, description="checkpoint every N steps (0 = only at the end)")
     log_every: int = Field(10, ge=1)
     threads: int | None = Field(None, ge=1, description="torch intra-op threads per process")
+    deterministic: bool = Field(False, description="deterministic kernels (torch.use_deterministic_algorithms, "
+                                                   "cuDNN deterministic, a fixed cuBLAS workspace): on GPUs, what "
+                                                   "makes a resumed run equal an uninterrupted one bit for bit; slower")
     data: DataConfig
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()

@@ -6,6 +6,7 @@ skips them, with model, optimizer, scaler and RNG states restored.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -148,6 +149,31 @@ def _csv_header(fs, path) -> list[str] | None:
 def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = None) -> dict:
     """Train to ``cfg.steps`` optimizer steps (or stop, with a checkpoint, after step
     ``stop_after``: a time-sliced or preempted job); returns a summary (rank 0's view)."""
+    with _determinism(cfg.deterministic):
+        return _train(cfg, resume, stop_after)
+
+
+@contextlib.contextmanager
+def _determinism(on: bool):
+    """Deterministic kernels for the run, the process's previous settings back afterwards (tests and
+    notebooks call ``train`` more than once in one process)."""
+    if not on:
+        yield
+        return
+    # cuBLAS reads this when its first handle is made: set before any CUDA matmul of the run
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+
+
+def _train(cfg: TrainConfig, resume: str | None, stop_after: int | None) -> dict:
     from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
     from trainer.data import ReinforcedDataset, make_loader
     from trainer.losses import build_loss
