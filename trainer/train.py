@@ -198,7 +198,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop_after: int | None) -> dict
         model.set_grad_checkpointing(True)
     tag_loss, heads = _short_tags(cfg, model, rank, world, device)
     optimizer = make_optimizer(torch.nn.ModuleDict({"model": model, **heads}) if heads else model, cfg)
-    # autocast on CPU too: the same code path as on GPU (and bf16 is fast on CPUs with AMX)
+    # autocast on CPU too: the code path a GPU run takes, so it is tested here
     use_amp = cfg.optim.precision != "fp32"
     amp_dtype = torch.bfloat16 if cfg.optim.precision == "bf16" else torch.float16
     scaler = torch.amp.GradScaler(device.type) if cfg.optim.precision == "fp16" else None
