@@ -10,6 +10,9 @@ cosine schedule), changing only the text side:
 - ``caption``: the world's full caption (sizes, colours, shapes, background, other objects);
 - ``caption+concept``: per sample and step, the full caption or "a {colour} {shape}" with equal
   odds (MobileCLIP's uniform sampling over the GT and one object-focused synthetic caption);
+- ``shape-negatives``: the full caption, plus --negatives copies of it with the dominant object's
+  shape word swapped for another shape (a text-only NegCLIP swap), as extra text columns: the loss
+  can only fall by telling the shapes apart;
 - ``supervised``: cross-entropy on the shape labels through a linear head (the reference).
 
 Zero-shot over the 14 shapes is scored on another world's clean split ("a photo of a {}."; for
@@ -17,7 +20,8 @@ Zero-shot over the 14 shapes is scored on another world's clean split ("a photo 
 model's resolution (centre crop, random flip while training), so the runs differ only in the
 text side.
 
-    .venv/bin/python bench/caption_content.py [--steps 300] [--variants label,shape,concept,caption,supervised]
+    .venv/bin/python bench/caption_content.py [--steps 300] [--variants label,shape,concept,caption,shape-negatives,supervised]
+                                        [--negatives 4]
 
 Measured on the 2-core CPU machine (300 steps, batch 48, lr 1e-3; train 8400 samples of world
 seed 1, eval 700 of seed 2; chance 0.071; about ±0.02 between seeds), zero-shot:
@@ -30,6 +34,12 @@ Larger batches put more same-colour captions in each batch: full captions at bat
 0.15-0.18 after 300 steps (two seeds), at 384 0.16 (about 2 and 3.5 minutes here); batch 48 for
 the same number of samples (960 steps, bench/learning.py) reaches 0.13. Sampling the full caption
 or "a {colour} {shape}" with equal odds does not help (0.091 against 0.094 in the same run).
+Hard negatives that ask for shape do not either: with all 13 shape swaps of each caption as extra
+columns the loss stays at 1.53 after 300 steps (the model cannot yet tell the shapes apart) and
+zero-shot is 0.107 (178 s); with 4 swaps 0.117 (80 s). Throwaway runs of the same harness: a
+fixed logit scale of 5, 10, 20 or 50 gives 0.09-0.10, SigLIP's loss 0.074; and the shape a
+caption-trained model picks is one of those in the image only at the random rate (0.104 against
+0.098).
 """
 from __future__ import annotations
 
@@ -37,6 +47,7 @@ import argparse
 import json
 import math
 import random
+import re
 import sys
 import tempfile
 import time
@@ -51,8 +62,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-VARIANTS = ("label", "shape", "concept", "caption", "caption+concept", "supervised")
-TEXT_SIDES = ("shape", "concept", "caption", "caption+concept")
+VARIANTS = ("label", "shape", "concept", "caption", "caption+concept", "shape-negatives", "supervised")
+TEXT_SIDES = ("shape", "concept", "caption", "caption+concept", "shape-negatives")
 
 
 def load_split(heldout: Path, preprocess) -> dict:
@@ -73,6 +84,25 @@ def load_split(heldout: Path, preprocess) -> dict:
         dominant.append(scene["objects"][0])
     return {"images": torch.stack(images), "captions": captions, "labels": torch.tensor(labels),
             "dominant": dominant}
+
+
+def shape_swaps(split: dict, k: int) -> list[list[str]]:
+    """Per caption, ``k`` copies with the dominant object's shape word (its first mention, singular or
+    plural) replaced by other shapes, chosen per caption with a seeded shuffle."""
+    from world.captions import _en_plural
+    from world.scenes import SHAPES
+
+    out = []
+    for cap, dom in zip(split["captions"], split["dominant"]):
+        others = [s for s in SHAPES if s != dom["shape"]]
+        random.Random(cap).shuffle(others)
+        m = re.search(rf"\b({re.escape(_en_plural(dom['shape']))}|{re.escape(dom['shape'])})\b", cap)
+        if m is None:  # a caption that does not name the shape: no negative can be made from it
+            out.append([cap] * k)
+            continue
+        plural = m.group(1) != dom["shape"]
+        out.append([cap[:m.start()] + (_en_plural(o) if plural else o) + cap[m.end():] for o in others[:k]])
+    return out
 
 
 def texts_for(variant: str, split: dict) -> list[str]:
@@ -104,7 +134,8 @@ def run(variant: str, train: dict, held: dict, a: argparse.Namespace) -> dict:
     opt = torch.optim.AdamW([{"params": params}, {"params": [logit_scale], "weight_decay": 0.0}],
                             lr=a.lr, weight_decay=0.2)
     loss_fn = ClipLoss()
-    text_variants = variant.split("+")
+    text_variants = ["caption"] if variant == "shape-negatives" else variant.split("+")
+    negatives = torch.stack([tok(r) for r in shape_swaps(train, a.negatives)]) if variant == "shape-negatives" else None
     tokens = torch.stack([tok(texts_for(v, train)) for v in text_variants]) if variant in TEXT_SIDES else None
     rng = torch.Generator().manual_seed(a.seed)
     warmup = max(1, a.steps // 20)
@@ -126,7 +157,8 @@ def run(variant: str, train: dict, held: dict, a: argparse.Namespace) -> dict:
             else:
                 pick = torch.randint(0, len(tokens), (len(idx),), generator=rng)
                 txt = model.encode_text(tokens[pick, idx])
-            loss = loss_fn(img, F.normalize(txt, dim=-1), logit_scale.exp().clamp(max=100))
+            neg = None if negatives is None else F.normalize(model.encode_text(negatives[idx].flatten(0, 1)), dim=-1)
+            loss = loss_fn(img, F.normalize(txt, dim=-1), logit_scale.exp().clamp(max=100), negative_text_features=neg)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -155,6 +187,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=48)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--negatives", type=int, default=4, help="shape-negatives: swapped captions per sample (1-13)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-samples", type=int, default=8400)
     ap.add_argument("--eval-samples", type=int, default=700)
@@ -163,6 +196,8 @@ def main() -> int:
     bad = set(a.variants.split(",")) - set(VARIANTS)
     if bad:
         ap.error(f"unknown variants {sorted(bad)}; choose from {','.join(VARIANTS)}")
+    if not 1 <= a.negatives <= 13:
+        ap.error("--negatives must be 1-13 (there are 14 shapes)")
     torch.set_num_threads(a.threads)
     random.seed(a.seed)
 
