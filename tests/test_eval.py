@@ -223,7 +223,7 @@ def test_damaged_members_and_shards_are_skipped_and_counted(heldout, tmp_path):
     r = evaluate(model, preprocess, tok, str(data))
     skipped = r["skipped"]
     assert skipped["bad_image"] == 1 and skipped["missing_caption"] == 1 and skipped["missing_image"] == 1
-    assert skipped["bad_json"] == 1 and skipped["bad_label"] == 1 and skipped["damaged_shard"] == 1
+    assert skipped["bad_json"] == 1 and skipped["bad_label"] == 1 and skipped["truncated_shard"] == 1
     first = 60 - 3  # bad image, missing caption, missing image
     assert first < r["n"] < first + 60 // 3 + 1
     assert r["zeroshot"]["n"] == r["n"] - 1  # the sample with a bad label leaves zero-shot only

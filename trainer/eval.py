@@ -36,7 +36,6 @@ import io
 import json
 import logging
 import sys
-import tarfile
 from collections import Counter
 from typing import Any, Callable, Iterator, Sequence
 
@@ -62,13 +61,6 @@ def _read_lines(fs, path: str) -> list[str] | None:
         return [line.rstrip("\n").rstrip("\r") for line in f if line.strip()]
 
 
-def _split_name(name: str) -> tuple[str, str]:
-    """webdataset convention: key = path up to the first dot of the file name, ext = the rest."""
-    head, _, base = name.rpartition("/")
-    stem, dot, ext = base.partition(".")
-    return (f"{head}/{stem}" if head else stem), ext.lower() if dot else ""
-
-
 def iter_samples(data_dir: str, skipped: Counter) -> Iterator[dict[str, Any]]:
     """Raw samples ``{key, image (bytes), caption, label (int|None), meta (dict)}`` of every shard
     under ``data_dir/shards`` in name order; problems counted in ``skipped``."""
@@ -87,28 +79,15 @@ def list_shards(data_dir: str) -> tuple[Any, list[str]]:
 
 
 def _iter_shard(fs, shard: str, skipped: Counter) -> Iterator[dict[str, Any]]:
-    group: dict[str, bytes] = {}
-    key = None
-    try:
-        with fs.open(shard, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                k, ext = _split_name(member.name)
-                if key is not None and k != key:
-                    yield from _finish(key, group, skipped)
-                    group = {}
-                key = k
-                data = tar.extractfile(member).read()
-                if len(data) != member.size:
-                    raise tarfile.ReadError(f"member {member.name} cut short")
-                group[ext] = data
-    except (tarfile.TarError, OSError, EOFError) as e:
-        log.warning("shard %s is damaged (%s): the samples after the damage are lost", shard, e)
-        skipped["damaged_shard"] += 1
-        group = {}  # the sample being read when the damage hit is incomplete
-    if key is not None and group:
+    # the reinforced reader's tar grouping: a shard cut short (even at a block boundary) ends with
+    # `truncated_shard` counted, the sample being read dropped, and what came before kept
+    from pipeline.reinforced import iter_raw
+
+    before = skipped["truncated_shard"]
+    for key, group in iter_raw(fs.unstrip_protocol(shard), skipped):
         yield from _finish(key, group, skipped)
+    if skipped["truncated_shard"] > before:
+        log.warning("shard %s is damaged: the samples after the damage are lost", shard)
 
 
 def _finish(key: str, group: dict[str, bytes], skipped: Counter) -> Iterator[dict[str, Any]]:
