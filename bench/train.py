@@ -306,7 +306,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank, both")
     ap.add_argument("--threads", type=int, default=2, help="torch/OMP threads per process, both")
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
-                    help="fp32 on CPU; default bf16 autocast on CUDA")
+                    help="autocast for both trainers (default: fp32 on CPU, bf16 on CUDA)")
     ap.add_argument("--samples", type=int, default=None, help="data size (default: 1.3x what the run reads)")
     ap.add_argument("--shards", type=int, default=None, help="tars (default: max(4, 2 x workers x nproc))")
     ap.add_argument("--repeat", type=int, default=2, help="alternate the two this many times; best counts")
