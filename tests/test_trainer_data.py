@@ -234,6 +234,24 @@ def test_plain_img2dataset_shards(tmp_path):
         ReinforcedDataset(str(d), use_teacher=True)
 
 
+def test_plain_shards_with_bad_captions(tmp_path):
+    """Captions as the web has them: not UTF-8 and blank ones are skipped and counted, a 1.5 MB
+    one trains (truncated by the tokenizer), accented text is kept as written."""
+    d = tmp_path / "captions" / "shards"
+    d.mkdir(parents=True)
+    caps = [b"ok one", b"\xff\xfe not utf-8", b"", b"  \n ", ("word " * 300_000).encode(), "caf\u00e9 ok".encode()]
+    buf = io.BytesIO()
+    Image.new("RGB", (24, 24), (200, 30, 30)).save(buf, format="JPEG")
+    (d / "00000.tar").write_bytes(write_tar([(f"{i:09d}", {"jpg": buf.getvalue(), "txt": c})
+                                             for i, c in enumerate(caps)]))
+    ds = ReinforcedDataset(str(d), image_size=S, tokenizer=tok)
+    batches = _all(ds, batch_size=2)
+    assert sorted(_uids(batches)) == ["000000000", "000000004", "000000005"]
+    assert ds.stats == {"bad_txt": 1, "empty_txt": 2}
+    texts = {u: untok(t) for b in batches for u, t in zip(b["uid"], b["text"])}
+    assert texts["000000005"] == "caf\u00e9 ok" and texts["000000004"].startswith("word word")
+
+
 def test_open_clip_tokenizer_and_drop_last(idx_ds):
     import open_clip
 
