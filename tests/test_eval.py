@@ -159,6 +159,40 @@ def test_oracle_scores_one(heldout):
     assert r["retrieval"]["image_to_text"]["R@1"] < 0.5
 
 
+class Watched(torch.nn.Module):
+    """A real model whose encoders note the autocast state they run under."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen = model, set()
+
+    def _note(self, what):
+        self.seen.add((what, torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")))
+
+    def encode_image(self, x):
+        self._note("image")
+        return self.model.encode_image(x)
+
+    def encode_text(self, ids):
+        self._note("text")
+        return self.model.encode_text(ids)
+
+
+def test_precision_autocasts_the_encoders(heldout):
+    torch.manual_seed(0)
+    model, _, preprocess, tok = create_model("recap-tiny")
+    results = {}
+    for precision, dtype in (("fp32", False), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        watched = Watched(model)
+        results[precision] = evaluate(watched, preprocess, tok, str(heldout), batch_size=32, precision=precision)
+        assert watched.seen == {("image", dtype), ("text", dtype)}, precision
+    for precision in ("bf16", "fp16"):  # the same numbers up to half-precision features
+        a, b = flatten(results["fp32"]), flatten(results[precision])
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 0.1 for k in a), (precision, a, b)
+    with pytest.raises(ValueError, match="precision 'int8'"):
+        evaluate(model, preprocess, tok, str(heldout), precision="int8")
+
+
 def test_all_ties_score_exactly_chance(heldout):
     blind = Blind()
     tok = lambda texts: torch.zeros(len(texts), 1)  # noqa: E731
@@ -312,7 +346,7 @@ def test_eval_cli(tmp_path, heldout, capsys):
     text = capsys.readouterr().out
     assert "compositional" in text and "zero-shot" not in text
     # a bare model name (random init)
-    assert eval_cli(["recap-tiny", "--data", str(heldout), "--tasks", "zeroshot"]) == 0
+    assert eval_cli(["recap-tiny", "--data", str(heldout), "--tasks", "zeroshot", "--precision", "bf16"]) == 0
     capsys.readouterr()
     # failures: exit 1 with a message; usage errors: exit 2
     assert eval_cli([str(tmp_path / "missing.pt"), "--data", str(heldout)]) == 1

@@ -245,17 +245,18 @@ def compositional_metrics(image_emb: torch.Tensor, pos_emb: torch.Tensor, neg_em
 
 def linear_probe(model, preprocess: Callable, train_dir: str, eval_dir: str, *, batch_size: int = 128,
                  device: str | torch.device = "cpu", steps: int = 500, lr: float = 1e-2, seed: int = 0,
-                 label_set: str | None = None) -> dict[str, Any]:
+                 label_set: str | None = None, precision: str = "fp32") -> dict[str, Any]:
     """CLIP's linear probe: a logistic regression on the frozen, L2-normalised image embeddings of
     ``train_dir``'s labelled samples, scored on ``eval_dir``'s. Says whether the image tower
     encodes the labels at all, whatever the text tower has learnt. Full-batch Adam, seeded.
     ``label_set``: probe a further label set (``labels.NAME`` in the samples' json) instead of
-    the main labels."""
+    the main labels. ``precision``: the image encoder under autocast, as in ``evaluate``."""
     model = getattr(model, "module", model)
+    encoders = _AutocastEncoders(model, device, precision)
     was_training = model.training
     model.eval()
     try:
-        (xt, yt), (xe, ye) = (_labelled(model, preprocess, d, batch_size, device, label_set)
+        (xt, yt), (xe, ye) = (_labelled(encoders, preprocess, d, batch_size, device, label_set)
                               for d in (train_dir, eval_dir))
     finally:
         model.train(was_training)
@@ -291,10 +292,35 @@ def _labelled(model, preprocess, data_dir: str, batch_size: int, device,
     return emb[keep] if keep else emb[:0], torch.tensor([labels[i] for i in keep], dtype=torch.long)
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class _AutocastEncoders:
+    """``model``'s two encoders under autocast. Only they: the similarities and metrics are taken
+    from their features in fp32, so a bf16 eval differs from fp32 by the features alone."""
+
+    def __init__(self, model, device: str | torch.device, precision: str):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: choose from {', '.join(PRECISIONS)}")
+        self.model, self.device_type = model, torch.device(device).type
+        self.dtype, self.enabled = (torch.bfloat16 if precision == "bf16" else torch.float16), precision != "fp32"
+
+    def parameters(self):
+        return self.model.parameters()
+
+    def encode_image(self, x):
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled):
+            return self.model.encode_image(x)
+
+    def encode_text(self, tokens):
+        with torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled):
+            return self.model.encode_text(tokens)
+
+
 # -- evaluate -------------------------------------------------------------------------------------
 
 def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str, *, batch_size: int = 64,
-             device: str | torch.device = "cpu", tasks: Sequence[str] = TASKS) -> dict[str, Any]:
+             device: str | torch.device = "cpu", tasks: Sequence[str] = TASKS, precision: str = "fp32") -> dict[str, Any]:
     """Evaluate ``model`` (anything with ``encode_image``/``encode_text``; DDP-wrapped is fine) on
     the labelled set at ``data_dir``. ``preprocess``: PIL image → tensor (open_clip's
     preprocess_val); ``tokenizer``: list[str] → token tensor. Returns::
@@ -306,7 +332,8 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str, *,
          "compositional": {"accuracy", "chance", "n", "by_type": {neg_type: {"accuracy", "n"}}}}
 
     A task that cannot run (no classnames.txt, no labels, no neg captions) is reported as
-    ``{"skipped": reason}``. The model's train/eval mode is restored afterwards."""
+    ``{"skipped": reason}``. The model's train/eval mode is restored afterwards. ``precision``:
+    bf16 / fp16 run the encoders under autocast (as open_clip's zero-shot eval does on GPUs)."""
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {list(TASKS)}")
@@ -317,46 +344,53 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str, *,
     templates = _read_lines(fs, f"{root}/templates.txt") or list(DEFAULT_TEMPLATES)
     skipped: Counter = Counter()
 
+    encoders = _AutocastEncoders(model, device, precision)
     was_training = model.training
     model.eval()
     try:
-        image_emb, rows = encode_split(model, preprocess, data_dir, batch_size, device, skipped)
-        captions = [s["caption"] for s in rows]
-        labels = [s["label"] for s in rows]
-        negs = [n if isinstance(n := s["meta"].get("neg_caption"), str) and n.strip() else None for s in rows]
-        neg_types = [str(s["meta"].get("neg_type") or "unknown") for s in rows]
-        result: dict[str, Any] = {"data": data_dir, "n": len(captions), "skipped": dict(sorted(skipped.items()))}
-        if not captions:
-            for t in tasks:
-                result[t] = {"skipped": "no usable samples"}
-            return result
-        need_text = "retrieval" in tasks or "compositional" in tasks
-        text_emb = _encode_texts(model, tokenizer, captions, batch_size, device) if need_text else None
-
-        if "zeroshot" in tasks:
-            result["zeroshot"] = _zeroshot(model, tokenizer, image_emb, labels, classnames, templates,
-                                           batch_size, device, skipped)
-            sets = _label_sets(fs, root, templates)
-            if sets:
-                result["zeroshot_label_sets"] = {
-                    name: _zeroshot(model, tokenizer, image_emb, _set_labels(rows, name, skipped), names, tmpl,
-                                    batch_size, device, skipped, f"[{name}]")
-                    for name, (names, tmpl) in sets.items()}
-            result["skipped"] = dict(sorted(skipped.items()))
-        if "retrieval" in tasks:
-            result["retrieval"] = retrieval_metrics(image_emb, text_emb, captions)
-        if "compositional" in tasks:
-            idx = [i for i, n in enumerate(negs) if n is not None]
-            if not idx:
-                result["compositional"] = {"skipped": "no sample has a neg_caption"}
-            else:
-                neg_emb = _encode_texts(model, tokenizer, [negs[i] for i in idx], batch_size, device)
-                sel = torch.tensor(idx)
-                result["compositional"] = compositional_metrics(image_emb[sel], text_emb[sel], neg_emb,
-                                                                [neg_types[i] for i in idx])
-        return result
+        return _evaluate(encoders, preprocess, tokenizer, data_dir, batch_size, device, tasks, fs, root,
+                         classnames, templates, skipped)
     finally:
         model.train(was_training)
+
+
+def _evaluate(model, preprocess, tokenizer, data_dir: str, batch_size: int, device, tasks: Sequence[str], fs,
+              root: str, classnames: list[str] | None, templates: list[str], skipped: Counter) -> dict[str, Any]:
+    image_emb, rows = encode_split(model, preprocess, data_dir, batch_size, device, skipped)
+    captions = [s["caption"] for s in rows]
+    labels = [s["label"] for s in rows]
+    negs = [n if isinstance(n := s["meta"].get("neg_caption"), str) and n.strip() else None for s in rows]
+    neg_types = [str(s["meta"].get("neg_type") or "unknown") for s in rows]
+    result: dict[str, Any] = {"data": data_dir, "n": len(captions), "skipped": dict(sorted(skipped.items()))}
+    if not captions:
+        for t in tasks:
+            result[t] = {"skipped": "no usable samples"}
+        return result
+    need_text = "retrieval" in tasks or "compositional" in tasks
+    text_emb = _encode_texts(model, tokenizer, captions, batch_size, device) if need_text else None
+
+    if "zeroshot" in tasks:
+        result["zeroshot"] = _zeroshot(model, tokenizer, image_emb, labels, classnames, templates,
+                                       batch_size, device, skipped)
+        sets = _label_sets(fs, root, templates)
+        if sets:
+            result["zeroshot_label_sets"] = {
+                name: _zeroshot(model, tokenizer, image_emb, _set_labels(rows, name, skipped), names, tmpl,
+                                batch_size, device, skipped, f"[{name}]")
+                for name, (names, tmpl) in sets.items()}
+        result["skipped"] = dict(sorted(skipped.items()))
+    if "retrieval" in tasks:
+        result["retrieval"] = retrieval_metrics(image_emb, text_emb, captions)
+    if "compositional" in tasks:
+        idx = [i for i, n in enumerate(negs) if n is not None]
+        if not idx:
+            result["compositional"] = {"skipped": "no sample has a neg_caption"}
+        else:
+            neg_emb = _encode_texts(model, tokenizer, [negs[i] for i in idx], batch_size, device)
+            sel = torch.tensor(idx)
+            result["compositional"] = compositional_metrics(image_emb[sel], text_emb[sel], neg_emb,
+                                                            [neg_types[i] for i in idx])
+    return result
 
 
 def _label_sets(fs, root: str, templates: list[str]) -> dict[str, tuple[list[str] | None, list[str]]]:
@@ -504,6 +538,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --linear-probe: probe the further label set NAME (label_sets/NAME/), not the main labels")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
+                   help="run the encoders under autocast (bf16 / fp16), as open_clip's eval on GPUs")
     p.add_argument("--context-length", type=int, default=None, help="text context (above the model's: Long-CLIP stretch)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--out", help="also write the JSON result to this file (local or URL)")
@@ -577,11 +613,11 @@ def eval_cli(argv: list[str]) -> int:
         result: dict[str, Any] = {"model": name, "pretrained": pretrained}
         if args.data:
             result.update(evaluate(model, preprocess, tokenizer, args.data, batch_size=args.batch_size,
-                                   device=device, tasks=tasks))
+                                   device=device, tasks=tasks, precision=args.precision))
             if args.linear_probe:
                 result["linear_probe"] = linear_probe(model, preprocess, args.linear_probe, args.data,
                                                       batch_size=args.batch_size, device=device,
-                                                      label_set=args.probe_labels)
+                                                      label_set=args.probe_labels, precision=args.precision)
         if args.clip_benchmark:
             result["clip_benchmark"] = run_clip_benchmark(name, pretrained, cb_args, context_length=context_length)
     except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:

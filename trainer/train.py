@@ -328,7 +328,7 @@ def _evaluate(cfg: TrainConfig, model, preprocess, tokenizer, device, step: int,
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     try:
-        result = evaluate(model, preprocess, tokenizer, cfg.eval_data, device=device)
+        result = evaluate(model, preprocess, tokenizer, cfg.eval_data, device=device, precision=cfg.optim.precision)
     finally:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
