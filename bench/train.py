@@ -1,8 +1,8 @@
 """recap's trainer vs open_clip_train on the same model, data, batch size, workers and threads, in
 one run. Prints samples/s for both and the ratio recap/open_clip (goal: >= 1.0).
 
-    .venv/bin/python bench/train.py [--steps 30] [--warmup 5] [--batch-size 64] [--workers 2]
-                                    [--threads 2] [--repeat 2] [--model recap-tiny]
+    .venv/bin/python bench/train.py [--steps 60] [--warmup 10] [--batch-size 64] [--workers 2]
+                                    [--threads 2] [--repeat 3] [--model recap-tiny]
     # on GPUs (torchrun for both, NCCL when --nproc > 1; bf16 autocast for both by default):
     .venv/bin/python bench/train.py --device cuda --nproc 8 --batch-size 256 --steps 200 --workers 6
 
@@ -301,15 +301,15 @@ def main() -> None:
     ap.add_argument("--model-config-dir", type=Path, default=CONFIG_DIR,
                     help="extra open_clip model configs (registered in both trainers)")
     ap.add_argument("--batch-size", type=int, default=64, help="per rank")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=5, help="first steps left out of the steady rate")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=10, help="first steps left out of the steady rate")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers per rank, both")
     ap.add_argument("--threads", type=int, default=2, help="torch/OMP threads per process, both")
     ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None,
                     help="autocast for both trainers (default: fp32 on CPU, bf16 on CUDA)")
     ap.add_argument("--samples", type=int, default=None, help="data size (default: 1.3x what the run reads)")
     ap.add_argument("--shards", type=int, default=None, help="tars (default: max(4, 2 x workers x nproc))")
-    ap.add_argument("--repeat", type=int, default=2, help="alternate the two this many times; best counts")
+    ap.add_argument("--repeat", type=int, default=3, help="alternate the two this many times; best counts")
     ap.add_argument("--openclip-python", help="interpreter with open_clip_train (a separate venv)")
     ap.add_argument("--openclip-deps", default=str(ROOT / "bench" / ".openclip-deps"),
                     help="PYTHONPATH overlay with webdataset==0.2.86 for open_clip_train ('none': skip)")
