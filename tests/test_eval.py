@@ -315,6 +315,46 @@ def test_further_label_sets(heldout, tmp_path):
     assert r["zeroshot"]["top1"] == 1.0 and r["zeroshot_label_sets"]["same"]["top1"] < 0.4
 
 
+def _as_class_folders(heldout: Path, dst: Path) -> dict[str, str]:
+    """The held-out split rewritten as class folders (dst/<shape>/<key>.jpg); key -> class name."""
+    classes = (heldout / "classnames.txt").read_text().split()
+    where = {}
+    for s in _samples(heldout):
+        name = classes[s["label"]]
+        (dst / name).mkdir(parents=True, exist_ok=True)
+        (dst / name / f"{s['key']}.jpg").write_bytes(s["image"])
+        where[s["key"]] = name
+    return where
+
+
+def test_class_folders_give_the_same_zero_shot(heldout, tmp_path):
+    """torchvision's ImageFolder layout: labels from the sorted folder names, prompts from the
+    folder names; each image is classified as it is from the shards, so top-1 is the same."""
+    model, _, preprocess, tok = create_model("recap-tiny")
+    shards = evaluate(model, preprocess, tok, str(heldout), batch_size=32)
+    folders = tmp_path / "folders"
+    where = _as_class_folders(heldout, folders)
+    (folders / "templates.txt").write_text((heldout / "templates.txt").read_text())
+    (folders / sorted(set(where.values()))[0] / "notes.txt").write_text("not an image")
+    (folders / sorted(set(where.values()))[-1] / "broken.jpg").write_bytes(b"not a jpeg")
+    r = evaluate(model, preprocess, tok, str(folders), batch_size=32)
+    assert r["n"] == shards["n"] == 60
+    assert r["skipped"] == {"bad_image": 1, "not_an_image_file": 1}
+    assert r["zeroshot"]["n_classes"] == len(set(where.values()))
+    assert r["zeroshot"]["top1"] == pytest.approx(shards["zeroshot"]["top1"])
+    assert r["retrieval"] == {"skipped": "no captions (class folders)"}
+    assert r["compositional"] == {"skipped": "no captions (class folders)"}
+    # classnames.txt names the folders' classes in folder order; a count that does not match is an error
+    (folders / "classnames.txt").write_text("".join(f"{n}\n" for n in sorted(set(where.values()))))
+    again = evaluate(model, preprocess, tok, str(folders), batch_size=32)
+    assert again["zeroshot"]["top1"] == pytest.approx(r["zeroshot"]["top1"])
+    (folders / "classnames.txt").write_text("circle\nsquare\n")
+    with pytest.raises(ValueError, match="2 lines for"):
+        evaluate(model, preprocess, tok, str(folders))
+    with pytest.raises(FileNotFoundError, match="no class folders"):
+        evaluate(model, preprocess, tok, str(tmp_path / "nothing-here"))
+
+
 def test_missing_data_and_task_skips(tmp_path, heldout):
     model, _, preprocess, tok = create_model("recap-tiny")
     with pytest.raises(FileNotFoundError):

@@ -12,6 +12,13 @@ Labelled set ("simple folder/webdataset format"; the demo world's ``heldout/`` i
                          for NAME is ``labels.NAME`` in its {key}.json, the prompts are
                          label_sets/NAME/templates.txt (default: DIR's templates)
 
+Or torchvision's ImageFolder layout, for sets that come as class folders (no captions, so
+zero-shot and the linear probe only; retrieval and the compositional test report ``skipped``):
+
+    DIR/CLASS/**/*.jpg   (or png/jpeg/webp) label = CLASS's index among DIR's class folders in name
+                         order; prompts use DIR/classnames.txt (one line per class folder, in that
+                         order) or else the folder names, "_" read as " "
+
 DIR may be a local path or any fsspec URL. A sample without an image or a caption, with an
 image that does not decode, or a shard that is cut short is skipped and counted in
 ``result["skipped"]`` (by reason), never a crash. A sample with a bad or missing label stays in
@@ -62,20 +69,76 @@ def _read_lines(fs, path: str) -> list[str] | None:
 
 
 def iter_samples(data_dir: str, skipped: Counter) -> Iterator[dict[str, Any]]:
-    """Raw samples ``{key, image (bytes), caption, label (int|None), meta (dict)}`` of every shard
-    under ``data_dir/shards`` in name order; problems counted in ``skipped``."""
+    """Raw samples ``{key, image (bytes), caption (str|None), label (int|None), meta (dict)}``: of
+    every shard under ``data_dir/shards`` in name order, or else of the class folders (caption None);
+    problems counted in ``skipped``."""
     fs, shards = list_shards(data_dir)
-    for shard in shards:
-        yield from _iter_shard(fs, shard, skipped)
+    if shards:
+        for shard in shards:
+            yield from _iter_shard(fs, shard, skipped)
+        return
+    root = fsspec.core.url_to_fs(data_dir)[1].rstrip("/")
+    for label, (name, files) in enumerate(_class_folders(fs, root)):
+        for path in files:
+            if _ext(path) not in IMAGE_EXTS:
+                skipped["not_an_image_file"] += 1
+                continue
+            try:
+                image = fs.cat_file(path)
+            except OSError:
+                skipped["unreadable_file"] += 1
+                continue
+            yield {"key": path[len(root) + 1:].rsplit(".", 1)[0], "image": image, "caption": None, "label": label,
+                   "meta": {}}
 
 
 def list_shards(data_dir: str) -> tuple[Any, list[str]]:
-    """(filesystem, sorted paths) of ``data_dir/shards/*.tar``; FileNotFoundError when there are none."""
+    """(filesystem, sorted paths) of ``data_dir/shards/*.tar``, or (filesystem, []) for a set in
+    class folders; FileNotFoundError when it is neither."""
     fs, root = fsspec.core.url_to_fs(data_dir)
-    shards = sorted(fs.glob(f"{root.rstrip('/')}/shards/*.tar"))
-    if not shards:
-        raise FileNotFoundError(f"no shards/*.tar under {data_dir}")
+    root = root.rstrip("/")
+    shards = sorted(fs.glob(f"{root}/shards/*.tar"))
+    if not shards and not _class_folders(fs, root):
+        raise FileNotFoundError(f"no shards/*.tar and no class folders of images under {data_dir}")
     return fs, shards
+
+
+def _ext(path: str) -> str:
+    base = path.rsplit("/", 1)[-1]
+    return base.rsplit(".", 1)[-1].lower() if "." in base else ""
+
+
+def _class_folders(fs, root: str) -> list[tuple[str, list[str]]]:
+    """ImageFolder layout: (class folder name, its files, sorted) for each subfolder of ``root``
+    that holds at least one image, in name order (``shards`` and ``label_sets`` are not classes)."""
+    try:
+        entries = fs.ls(root, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    out = []
+    for e in sorted(entries, key=lambda e: e["name"]):
+        name = e["name"].rstrip("/").rsplit("/", 1)[-1]
+        if e["type"] != "directory" or name in ("shards", "label_sets") or name.startswith("."):
+            continue
+        files = sorted(fs.find(e["name"]))
+        if any(_ext(f) in IMAGE_EXTS for f in files):
+            out.append((name, files))
+    return out
+
+
+def _folder_classnames(fs, root: str, data_dir: str) -> list[str] | None:
+    """Class names of a set in class folders: classnames.txt (checked against the folders) or the
+    folder names; None for a set in shards."""
+    if fs.glob(f"{root}/shards/*.tar"):
+        return None
+    folders = [name for name, _ in _class_folders(fs, root)]
+    listed = _read_lines(fs, f"{root}/classnames.txt")
+    if listed is None:
+        return [name.replace("_", " ") for name in folders]
+    if len(listed) != len(folders):
+        raise ValueError(f"{data_dir}: classnames.txt has {len(listed)} lines for {len(folders)} class folders "
+                         f"(one line per folder, in name order)")
+    return listed
 
 
 def _iter_shard(fs, shard: str, skipped: Counter) -> Iterator[dict[str, Any]]:
@@ -340,7 +403,7 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str, *,
     model = getattr(model, "module", model)
     fs, root = fsspec.core.url_to_fs(data_dir)
     root = root.rstrip("/")
-    classnames = _read_lines(fs, f"{root}/classnames.txt")
+    classnames = _folder_classnames(fs, root, data_dir) or _read_lines(fs, f"{root}/classnames.txt")
     templates = _read_lines(fs, f"{root}/templates.txt") or list(DEFAULT_TEMPLATES)
     skipped: Counter = Counter()
 
@@ -366,7 +429,8 @@ def _evaluate(model, preprocess, tokenizer, data_dir: str, batch_size: int, devi
         for t in tasks:
             result[t] = {"skipped": "no usable samples"}
         return result
-    need_text = "retrieval" in tasks or "compositional" in tasks
+    has_text = all(c is not None for c in captions)  # class folders have no captions
+    need_text = has_text and ("retrieval" in tasks or "compositional" in tasks)
     text_emb = _encode_texts(model, tokenizer, captions, batch_size, device) if need_text else None
 
     if "zeroshot" in tasks:
@@ -380,10 +444,13 @@ def _evaluate(model, preprocess, tokenizer, data_dir: str, batch_size: int, devi
                 for name, (names, tmpl) in sets.items()}
         result["skipped"] = dict(sorted(skipped.items()))
     if "retrieval" in tasks:
-        result["retrieval"] = retrieval_metrics(image_emb, text_emb, captions)
+        result["retrieval"] = retrieval_metrics(image_emb, text_emb, captions) if has_text else \
+            {"skipped": "no captions (class folders)"}
     if "compositional" in tasks:
         idx = [i for i, n in enumerate(negs) if n is not None]
-        if not idx:
+        if not has_text:
+            result["compositional"] = {"skipped": "no captions (class folders)"}
+        elif not idx:
             result["compositional"] = {"skipped": "no sample has a neg_caption"}
         else:
             neg_emb = _encode_texts(model, tokenizer, [negs[i] for i in idx], batch_size, device)
