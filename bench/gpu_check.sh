@@ -15,8 +15,9 @@ OUT=${OUT:-$PWD/out/gpu-check}
 PY=${PY:-python3}
 mkdir -p "$OUT"
 if ! "$PY" -c "import open_clip, pydantic, webdataset" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed" | tee "$OUT/summary.txt"; exit 1; }
+  cp=$("$PY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl ".whl/$cp"/*.whl || { echo "wheel install failed ($cp)" | tee "$OUT/summary.txt"; exit 1; }
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 if compgen -G ".whl/oc/*.whl" >/dev/null && [ ! -d bench/.openclip-deps/webdataset-0.2.86.dist-info ]; then
