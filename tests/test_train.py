@@ -3,8 +3,10 @@ torchrun runs two gloo ranks, and bad data stops before step 1 with a clear mess
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,31 @@ def test_mixed_precision_autocasts_and_resumes_exactly(tmp_path, worlds, precisi
         assert ckpt["scaler"]["scale"] > 0
     else:
         assert ckpt["scaler"] is None
+
+
+def test_sigterm_stops_with_a_checkpoint_and_resume_is_exact(tmp_path, worlds):
+    """A scheduler's preemption notice (SIGTERM) ends the run after the step in progress, with a
+    checkpoint and exit code 3; resumed from it, the run ends where an uninterrupted one does."""
+    data, _ = worlds
+    steps = 40
+    f = _cfg(tmp_path / "b", data, steps=steps, deterministic=True)
+    p = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(f)], cwd=ROOT, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics, deadline = tmp_path / "b/run/metrics.csv", time.time() + 240
+    while p.poll() is None and time.time() < deadline and (
+            not metrics.exists() or len(metrics.read_text().splitlines()) < 4):  # header + 3 steps
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 3, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    k = summary["step"]
+    assert summary["preempted"] == "SIGTERM" and 3 <= k < steps and "--resume latest" in err
+    assert [c.name for c in (tmp_path / "b/run/checkpoints").glob("*.pt")] == [f"step_{k}.pt"]
+    train(load_train_config(f), resume="latest")
+    train(load_train_config(_cfg(tmp_path / "a", data, steps=steps, deterministic=True)))
+    a, b = _params(tmp_path / "a/run", steps), _params(tmp_path / "b/run", steps)
+    assert a.keys() == b.keys() and all(torch.equal(a[x], b[x]) for x in a)
 
 
 def test_data_checkpoints_and_resume_on_s3(tmp_path, worlds, s3_endpoint):

@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_PREEMPTED = 0, 1, 2, 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,6 +88,10 @@ def train_cli(argv: list[str]) -> int:
         return EXIT_FAILED
     if summary.get("rank", 0) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "rank"}, sort_keys=True))
+    if summary.get("preempted"):
+        print(f"recap: stopped by {summary['preempted']} after step {summary['step']} with a checkpoint; "
+              "run again with --resume latest", file=sys.stderr)
+        return EXIT_PREEMPTED
     return EXIT_OK
 
 

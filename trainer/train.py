@@ -12,6 +12,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -45,11 +47,40 @@ def dist_setup() -> tuple[int, int, torch.device]:
 
 def _all_true(flag: bool, device: torch.device) -> bool:
     """True iff the flag holds on every rank (ranks must agree before a collective op)."""
+    return _agree([flag], device)[0]
+
+
+def _agree(flags: list[bool], device: torch.device) -> list[bool]:
+    """For each flag, True iff it holds on every rank: one collective for several decisions."""
     if not dist.is_initialized():
-        return flag
-    t = torch.tensor([0 if flag else 1], device=device)
+        return list(flags)
+    t = torch.tensor([0 if f else 1 for f in flags], device=device)
     dist.all_reduce(t)
-    return int(t.item()) == 0
+    return [int(v) == 0 for v in t.tolist()]
+
+
+# A scheduler's notice (SIGTERM on preemption, SIGUSR1 with SLURM's --signal): the loop ends after
+# the step in progress, with a checkpoint, and `recap train` exits EXIT_PREEMPTED.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_stop = {"signal": None}
+
+
+def _note_signal(signum, frame) -> None:
+    _stop["signal"] = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def _stop_on_signals():
+    _stop["signal"] = None
+    if threading.current_thread() is not threading.main_thread():  # Ray Train's loop thread: Ray's own handling
+        yield
+        return
+    previous = {s: signal.signal(s, _note_signal) for s in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 # -- optimisation ----------------------------------------------------------------------------------
@@ -149,7 +180,7 @@ def _csv_header(fs, path) -> list[str] | None:
 def train(cfg: TrainConfig, resume: str | None = None, stop_after: int | None = None) -> dict:
     """Train to ``cfg.steps`` optimizer steps (or stop, with a checkpoint, after step
     ``stop_after``: a time-sliced or preempted job); returns a summary (rank 0's view)."""
-    with _determinism(cfg.deterministic):
+    with _determinism(cfg.deterministic), _stop_on_signals():
         return _train(cfg, resume, stop_after)
 
 
@@ -240,6 +271,19 @@ def _train(cfg: TrainConfig, resume: str | None, stop_after: int | None) -> dict
     t0, seen = time.time(), 0
     summary: dict[str, Any] = {"rank": rank, "world_size": world}
     last = min(cfg.steps, stop_after) if stop_after else cfg.steps
+    saved_at = step if ckpt else None
+
+    def checkpoint() -> None:
+        nonlocal saved_at
+        if rank == 0:
+            save_checkpoint(f"{cfg.output.rstrip('/')}/checkpoints/step_{step}.pt", model=model,
+                            optimizer=optimizer, scaler=scaler, step=step, epoch=epoch,
+                            data_position={"epoch": epoch, "batches": consumed}, config=cfg.model_dump(),
+                            name=cfg.model.name, heads=heads)
+        if dist.is_initialized():
+            dist.barrier()
+        saved_at = step
+
     while step < last:
         ds = dataset(epoch)
         it = iter(make_loader(ds, cfg.data.batch_size, cfg.data.workers))
@@ -247,7 +291,11 @@ def _train(cfg: TrainConfig, resume: str | None, stop_after: int | None) -> dict
             next(it, None)
         while step < last:
             micro = [b for b in (next(it, None) for _ in range(cfg.optim.accum)) if b is not None]
-            if not _all_true(len(micro) == cfg.optim.accum, device):
+            have_data, carry_on = _agree([len(micro) == cfg.optim.accum, _stop["signal"] is None], device)
+            if not carry_on:  # any rank's notice stops every rank at the same step
+                summary["preempted"] = _stop["signal"] or "another rank's signal"
+                break
+            if not have_data:
                 break  # some rank ran out: the epoch ends for all (no rank waits in a collective)
             consumed += len(micro)
             lr = lr_at(step, cfg)
@@ -292,15 +340,15 @@ def _train(cfg: TrainConfig, resume: str | None, stop_after: int | None) -> dict
                 if dist.is_initialized():
                     dist.barrier()
             if (cfg.save_every and step % cfg.save_every == 0) or step == last:
-                if rank == 0:
-                    save_checkpoint(f"{cfg.output.rstrip('/')}/checkpoints/step_{step}.pt", model=model,
-                                    optimizer=optimizer, scaler=scaler, step=step, epoch=epoch,
-                                    data_position={"epoch": epoch, "batches": consumed}, config=cfg.model_dump(),
-                                    name=cfg.model.name, heads=heads)
-                if dist.is_initialized():
-                    dist.barrier()
+                checkpoint()
         else:
             continue
+        if "preempted" in summary:
+            if saved_at != step:
+                checkpoint()
+            log.warning("stopped by %s after step %d, checkpoint written: resume with --resume latest",
+                        summary["preempted"], step)
+            break
         epoch, consumed = epoch + 1, 0
         summary.setdefault("skipped", {})
         for k, v in getattr(ds, "stats", {}).items():
