@@ -222,6 +222,26 @@ def test_two_ranks_with_torchrun_and_ray_train(tmp_path, worlds):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_two_ranks_stop_together_on_a_scheduler_signal(tmp_path, worlds):
+    """SLURM's --signal=USR1 reaches every process of the job: both ranks stop after the same step,
+    rank 0 writes the checkpoint, and the launcher above torchrun exits 3."""
+    data, _ = worlds
+    f = _cfg(tmp_path, data, steps=200, **{"data.batch_size": 4})
+    p = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(f), "--nproc", "2"], cwd=ROOT, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    metrics, deadline = tmp_path / "run/metrics.csv", time.time() + 240
+    while p.poll() is None and time.time() < deadline and (
+            not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGUSR1)
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 3, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["preempted"] == "SIGUSR1" and summary["world_size"] == 2 and 3 <= summary["step"] < 200
+    assert [c.name for c in (tmp_path / "run/checkpoints").glob("*.pt")] == [f"step_{summary['step']}.pt"]
+
+
 def test_gradient_checkpointing_gives_the_same_steps(tmp_path, worlds):
     data, _ = worlds
     train(load_train_config(_cfg(tmp_path / "a", data, steps=2)))

@@ -33,8 +33,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+PREEMPTED_MARKER = "RECAP_PREEMPTED_MARKER"
+SHUTDOWN_TIMEOUT = 300  # seconds torchrun waits for the ranks' checkpoint after a notice (its default: 30)
+
+
 def _torchrun(args, argv: list[str]) -> int:
-    """Re-run this command under torchrun, without --nproc (each child is one rank)."""
+    """Re-run this command under torchrun, without --nproc (each child is one rank). torchrun puts
+    the ranks in sessions of their own and passes the signals it handles on to them: SIGUSR1 is
+    added to those, so a scheduler's notice to the process group (SIGTERM, or SLURM's USR1) reaches
+    every rank once, through torchrun, which then gives them SHUTDOWN_TIMEOUT seconds to write the
+    checkpoint. This launcher waits and exits EXIT_PREEMPTED, whatever torchrun's own exit code."""
+    import signal
+    import tempfile
+
     child = [a for a in argv]
     i = child.index("--nproc") if "--nproc" in child else None
     if i is not None:
@@ -42,8 +53,19 @@ def _torchrun(args, argv: list[str]) -> int:
     else:
         child = [a for a in child if not a.startswith("--nproc=")]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "trainer.launch", *child]
-    return subprocess.call(cmd)
+           "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
+           "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", f"--shutdown-timeout={SHUTDOWN_TIMEOUT}",
+           "-m", "trainer.launch", *child]
+    with tempfile.TemporaryDirectory() as d:
+        marker = os.path.join(d, "preempted")
+        # the notice reaches the ranks (and torchrun) through the process group: here it only must not kill us
+        previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        try:
+            rc = subprocess.call(cmd, env={**os.environ, PREEMPTED_MARKER: marker})
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+        return EXIT_PREEMPTED if os.path.exists(marker) else rc
 
 
 def _ray(cfg, args) -> int:
@@ -89,8 +111,11 @@ def train_cli(argv: list[str]) -> int:
     if summary.get("rank", 0) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "rank"}, sort_keys=True))
     if summary.get("preempted"):
-        print(f"recap: stopped by {summary['preempted']} after step {summary['step']} with a checkpoint; "
-              "run again with --resume latest", file=sys.stderr)
+        if summary.get("rank", 0) == 0:
+            print(f"recap: stopped by {summary['preempted']} after step {summary['step']} with a checkpoint; "
+                  "run again with --resume latest", file=sys.stderr)
+            if os.environ.get(PREEMPTED_MARKER):  # tell the launcher above torchrun
+                open(os.environ[PREEMPTED_MARKER], "w").close()
         return EXIT_PREEMPTED
     return EXIT_OK
 
