@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of the trainer in one run on a lent GPU machine (device tool), about 9 minutes:
 #   1. test_train.py's single-process tests on CUDA (the trainer takes cuda when it sees one):
-#      exact resume, bf16/fp16 autocast, evaluation while training, the tiny model learning;
+#      exact resume (also after a SIGTERM), bf16/fp16 autocast, evaluation while training, the
+#      tiny model learning;
 #   2. bench/train.py --device cuda: recap vs open_clip_train, bf16, samples/s and the ratio;
 #   3. bench/learning.py --device cuda: shape with GPU-sized batches and steps.
 # Here first: bash bench/gpu_wheels.sh (the wheels the machine lacks, into the git-ignored .whl/).
@@ -44,7 +45,7 @@ else
   lb=(--steps 1500 --batch-size 256 --workers 8 --threads 4)
 fi
 step cuda_tests 170 "$PY" -m pytest -q -p no:cacheprovider tests/test_train.py \
-  -k "resume_is_exact or mixed_precision or evaluation_during or learns or gradient_checkpointing or non_finite"
+  -k "resume_is_exact or mixed_precision or evaluation_during or learns or gradient_checkpointing or non_finite or sigterm"
 step train_bench 150 "$PY" bench/train.py --device "$dev" --model recap-tiny "${tb[@]}"
 step learning 230 "$PY" bench/learning.py --device "$dev" --models recap-tiny-cnn "${lb[@]}"
 cat "$OUT/summary.txt"
