@@ -121,6 +121,22 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_is_exact(tmp_path, worlds):
     assert a.keys() == b.keys() and all(torch.equal(a[x], b[x]) for x in a)
 
 
+def test_resume_with_another_batch_size_or_world_size_keeps_the_epoch_position(tmp_path, worlds):
+    from trainer.train import resume_batches
+
+    same = {"batches": 6, "batch_size": 8, "world_size": 2}
+    assert resume_batches(same, 8, 2) == 6  # the checkpoint's own layout: exact
+    assert resume_batches(same, 16, 1) == 6 and resume_batches(same, 8, 4) == 3 and resume_batches(same, 4, 1) == 24
+    assert resume_batches({"batches": 5}, 32, 3) == 5  # a checkpoint that does not record its layout
+
+    data, _ = worlds
+    part = load_train_config(_cfg(tmp_path, data, **{"data.batch_size": 8}))
+    train(part, stop_after=4)  # 4 batches of 8 into the epoch
+    train(load_train_config(_cfg(tmp_path, data, **{"data.batch_size": 16})), resume="latest")
+    pos = torch.load(tmp_path / "run/checkpoints/step_6.pt", map_location="cpu", weights_only=False)["data_position"]
+    assert pos == {"epoch": 0, "batches": 2 + 2, "batch_size": 16, "world_size": 1}  # 32 samples = 2 of 16, then 2 steps
+
+
 def test_data_checkpoints_and_resume_on_s3(tmp_path, worlds, s3_endpoint):
     """Shards read from S3 (moto on 127.0.0.1), checkpoints, the `latest` pointer and metrics.csv
     written there; preempted after step 3 and resumed from S3, the run ends with the same

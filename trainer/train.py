@@ -239,7 +239,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop_after: int | None) -> dict
     if ckpt:
         state = load_checkpoint(ckpt, model, optimizer, scaler, heads=heads)
         step, epoch = int(state["step"]), int(state["epoch"])
-        consumed = int(state.get("data_position", {}).get("batches", 0))
+        consumed = resume_batches(state.get("data_position", {}), cfg.data.batch_size, world)
         if rank == 0:
             log.info("resumed from %s at step %d (epoch %d, %d batches in)", ckpt, step, epoch, consumed)
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
@@ -278,7 +278,8 @@ def _train(cfg: TrainConfig, resume: str | None, stop_after: int | None) -> dict
         if rank == 0:
             save_checkpoint(f"{cfg.output.rstrip('/')}/checkpoints/step_{step}.pt", model=model,
                             optimizer=optimizer, scaler=scaler, step=step, epoch=epoch,
-                            data_position={"epoch": epoch, "batches": consumed}, config=cfg.model_dump(),
+                            data_position={"epoch": epoch, "batches": consumed, "batch_size": cfg.data.batch_size,
+                                           "world_size": world}, config=cfg.model_dump(),
                             name=cfg.model.name, heads=heads)
         if dist.is_initialized():
             dist.barrier()
@@ -356,6 +357,22 @@ def _train(cfg: TrainConfig, resume: str | None, stop_after: int | None) -> dict
     metrics.close()
     summary.update(step=step, epoch=epoch, seconds=time.time() - t0)
     return summary
+
+
+def resume_batches(position: dict, batch_size: int, world: int) -> int:
+    """Loader batches per rank to skip on resume. With the checkpoint's batch size and world size:
+    its own count, so the epoch continues exactly. With others (resumed on another number of GPUs,
+    say): the same number of samples of the epoch, as batches of this run; the ranks split the
+    shards differently then, so within this epoch some samples repeat and others are left out."""
+    batches = int(position.get("batches", 0))
+    old_bs, old_world = int(position.get("batch_size", batch_size)), int(position.get("world_size", world))
+    if (old_bs, old_world) == (batch_size, world):
+        return batches
+    scaled = round(batches * old_bs * old_world / (batch_size * world))
+    log.warning("resuming with batch size %d on %d ranks from a checkpoint of batch size %d on %d ranks: "
+                "the epoch goes on after %d samples (%d batches per rank), not exactly where it stopped",
+                batch_size, world, old_bs, old_world, batches * old_bs * old_world, scaled)
+    return scaled
 
 
 def _check_eval_data(path: str) -> None:
