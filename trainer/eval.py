@@ -72,13 +72,10 @@ def iter_samples(data_dir: str, skipped: Counter) -> Iterator[dict[str, Any]]:
     """Raw samples ``{key, image (bytes), caption (str|None), label (int|None), meta (dict)}``: of
     every shard under ``data_dir/shards`` in name order, or else of the class folders (caption None);
     problems counted in ``skipped``."""
-    fs, shards = list_shards(data_dir)
-    if shards:
-        for shard in shards:
-            yield from _iter_shard(fs, shard, skipped)
-        return
-    root = fsspec.core.url_to_fs(data_dir)[1].rstrip("/")
-    for label, (name, files) in enumerate(_class_folders(fs, root)):
+    fs, root, shards, folders = _layout(data_dir)
+    for shard in shards:
+        yield from _iter_shard(fs, shard, skipped)
+    for label, (name, files) in enumerate(folders):
         for path in files:
             if _ext(path) not in IMAGE_EXTS:
                 skipped["not_an_image_file"] += 1
@@ -95,12 +92,20 @@ def iter_samples(data_dir: str, skipped: Counter) -> Iterator[dict[str, Any]]:
 def list_shards(data_dir: str) -> tuple[Any, list[str]]:
     """(filesystem, sorted paths) of ``data_dir/shards/*.tar``, or (filesystem, []) for a set in
     class folders; FileNotFoundError when it is neither."""
+    fs, _, shards, _ = _layout(data_dir)
+    return fs, shards
+
+
+def _layout(data_dir: str) -> tuple[Any, str, list[str], list[tuple[str, list[str]]]]:
+    """(filesystem, root, sorted shard paths, class folders): the shards when there are any, else
+    the class folders (``_class_folders``); FileNotFoundError when it is neither."""
     fs, root = fsspec.core.url_to_fs(data_dir)
     root = root.rstrip("/")
     shards = sorted(fs.glob(f"{root}/shards/*.tar"))
-    if not shards and not _class_folders(fs, root):
+    folders = [] if shards else _class_folders(fs, root)
+    if not shards and not folders:
         raise FileNotFoundError(f"no shards/*.tar and no class folders of images under {data_dir}")
-    return fs, shards
+    return fs, root, shards, folders
 
 
 def _ext(path: str) -> str:
@@ -126,15 +131,12 @@ def _class_folders(fs, root: str) -> list[tuple[str, list[str]]]:
     return out
 
 
-def _folder_classnames(fs, root: str, data_dir: str) -> list[str] | None:
+def _folder_classnames(fs, root: str, folders: list[tuple[str, list[str]]], data_dir: str) -> list[str]:
     """Class names of a set in class folders: classnames.txt (checked against the folders) or the
-    folder names; None for a set in shards."""
-    if fs.glob(f"{root}/shards/*.tar"):
-        return None
-    folders = [name for name, _ in _class_folders(fs, root)]
+    folder names."""
     listed = _read_lines(fs, f"{root}/classnames.txt")
     if listed is None:
-        return [name.replace("_", " ") for name in folders]
+        return [name.replace("_", " ") for name, _ in folders]
     if len(listed) != len(folders):
         raise ValueError(f"{data_dir}: classnames.txt has {len(listed)} lines for {len(folders)} class folders "
                          f"(one line per folder, in name order)")
@@ -401,9 +403,9 @@ def evaluate(model, preprocess: Callable, tokenizer: Callable, data_dir: str, *,
     if unknown:
         raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {list(TASKS)}")
     model = getattr(model, "module", model)
-    fs, root = fsspec.core.url_to_fs(data_dir)
-    root = root.rstrip("/")
-    classnames = _folder_classnames(fs, root, data_dir) or _read_lines(fs, f"{root}/classnames.txt")
+    fs, root, _, folders = _layout(data_dir)
+    classnames = _folder_classnames(fs, root, folders, data_dir) if folders else \
+        _read_lines(fs, f"{root}/classnames.txt")
     templates = _read_lines(fs, f"{root}/templates.txt") or list(DEFAULT_TEMPLATES)
     skipped: Counter = Counter()
 
