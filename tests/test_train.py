@@ -96,22 +96,29 @@ def test_mixed_precision_autocasts_and_resumes_exactly(tmp_path, worlds, precisi
         assert ckpt["scaler"] is None
 
 
+def _signal_after_step_3(train_file: Path, run: Path, send, *extra: str) -> tuple[dict, str]:
+    """Run `recap train` (in a session of its own), `send` it a signal once metrics.csv shows step 3,
+    and return its summary and stderr; it must exit 3 (preempted)."""
+    p = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(train_file), *extra], cwd=ROOT, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    metrics, deadline = run / "metrics.csv", time.time() + 240
+    while p.poll() is None and time.time() < deadline and (
+            not metrics.exists() or len(metrics.read_text().splitlines()) < 4):  # header + 3 steps
+        time.sleep(0.02)
+    send(p)
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 3, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1]), err
+
+
 def test_sigterm_stops_with_a_checkpoint_and_resume_is_exact(tmp_path, worlds):
     """A scheduler's preemption notice (SIGTERM) ends the run after the step in progress, with a
     checkpoint and exit code 3; resumed from it, the run ends where an uninterrupted one does."""
     data, _ = worlds
     steps = 40
     f = _cfg(tmp_path / "b", data, steps=steps, deterministic=True)
-    p = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(f)], cwd=ROOT, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    metrics, deadline = tmp_path / "b/run/metrics.csv", time.time() + 240
-    while p.poll() is None and time.time() < deadline and (
-            not metrics.exists() or len(metrics.read_text().splitlines()) < 4):  # header + 3 steps
-        time.sleep(0.02)
-    p.send_signal(signal.SIGTERM)
-    out, err = p.communicate(timeout=240)
-    assert p.returncode == 3, err[-3000:]
-    summary = json.loads(out.strip().splitlines()[-1])
+    summary, err = _signal_after_step_3(f, tmp_path / "b/run", lambda p: p.send_signal(signal.SIGTERM))
     k = summary["step"]
     assert summary["preempted"] == "SIGTERM" and 3 <= k < steps and "--resume latest" in err
     assert [c.name for c in (tmp_path / "b/run/checkpoints").glob("*.pt")] == [f"step_{k}.pt"]
@@ -243,17 +250,7 @@ def test_two_ranks_stop_together_on_a_scheduler_signal(tmp_path, worlds):
     rank 0 writes the checkpoint, and the launcher above torchrun exits 3."""
     data, _ = worlds
     f = _cfg(tmp_path, data, steps=200, **{"data.batch_size": 4})
-    p = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(f), "--nproc", "2"], cwd=ROOT, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         start_new_session=True)
-    metrics, deadline = tmp_path / "run/metrics.csv", time.time() + 240
-    while p.poll() is None and time.time() < deadline and (
-            not metrics.exists() or len(metrics.read_text().splitlines()) < 4):
-        time.sleep(0.02)
-    os.killpg(p.pid, signal.SIGUSR1)
-    out, err = p.communicate(timeout=240)
-    assert p.returncode == 3, err[-3000:]
-    summary = json.loads(out.strip().splitlines()[-1])
+    summary, _ = _signal_after_step_3(f, tmp_path / "run", lambda p: os.killpg(p.pid, signal.SIGUSR1), "--nproc", "2")
     assert summary["preempted"] == "SIGUSR1" and summary["world_size"] == 2 and 3 <= summary["step"] < 200
     assert [c.name for c in (tmp_path / "run/checkpoints").glob("*.pt")] == [f"step_{summary['step']}.pt"]
 
