@@ -68,7 +68,7 @@ TEXT_SIDES = ("shape", "concept", "caption", "caption+concept", "shape-negatives
 
 def load_split(heldout: Path, preprocess) -> dict:
     """Images (preprocessed once), captions, labels and dominant objects of a clean split."""
-    from trainer.eval import _decode, iter_samples
+    from recap.trainer.eval import _decode, iter_samples
 
     scenes = {r["key"]: r["scene"] for r in pq.read_table(heldout / "index.parquet").to_pylist()}
     images, captions, labels, dominant = [], [], [], []
@@ -89,8 +89,8 @@ def load_split(heldout: Path, preprocess) -> dict:
 def shape_swaps(split: dict, k: int) -> list[list[str]]:
     """Per caption, ``k`` copies with the dominant object's shape word (its first mention, singular or
     plural) replaced by other shapes, chosen per caption with a seeded shuffle."""
-    from world.captions import _en_plural
-    from world.scenes import SHAPES
+    from recap.world.captions import _en_plural
+    from recap.world.scenes import SHAPES
 
     out = []
     for cap, dom in zip(split["captions"], split["dominant"]):
@@ -114,9 +114,9 @@ def texts_for(variant: str, split: dict) -> list[str]:
 
 
 def run(variant: str, train: dict, held: dict, a: argparse.Namespace) -> dict:
-    from trainer.losses import ClipLoss
-    from trainer.models import create_model
-    from world.scenes import SHAPES
+    from recap.trainer.losses import ClipLoss
+    from recap.trainer.models import create_model
+    from recap.world.scenes import SHAPES
 
     torch.manual_seed(a.seed)
     model, _, _, tok = create_model(a.model)
@@ -201,8 +201,8 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     random.seed(a.seed)
 
-    from trainer.models import create_model
-    from world.generate import generate_world
+    from recap.trainer.models import create_model
+    from recap.world.generate import generate_world
 
     with tempfile.TemporaryDirectory() as tmp:
         work = a.keep or Path(tmp)

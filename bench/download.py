@@ -48,10 +48,10 @@ def main() -> None:
 
     from img2dataset import download as i2d_download
 
-    from pipeline.job import build_job
-    from pipeline.runner import init_ray, run_job
-    from world.generate import generate_world
-    from world.server import serve
+    from recap.pipeline.job import build_job
+    from recap.pipeline.runner import init_ray, run_job
+    from recap.world.generate import generate_world
+    from recap.world.server import serve
 
     work = Path(tempfile.mkdtemp(prefix="recap-bench-dl-"))
     try:

@@ -47,7 +47,7 @@ def reinforced_split(heldout: Path, out: Path, negatives: bool, n_shards: int = 
     """The world's clean split as reinforced shards (GT caption; its hard negative with --negatives)."""
     import tarfile
 
-    from pipeline.reinforced import ReinforcedWriter
+    from recap.pipeline.reinforced import ReinforcedWriter
 
     index = {r["key"]: r for r in pq.read_table(heldout / "index.parquet").to_pylist()}
     rows = []
@@ -67,8 +67,8 @@ def reinforced_split(heldout: Path, out: Path, negatives: bool, n_shards: int = 
 
 
 def run_one(name: str, data: Path, work: Path, a: argparse.Namespace) -> dict:
-    from trainer.config import load_train_config
-    from trainer.train import train
+    from recap.trainer.config import load_train_config
+    from recap.trainer.train import train
 
     out = work / f"run-{name}"
     raw = {"name": f"learning-{name}", "seed": a.seed, "output": str(out), "steps": a.steps,
@@ -100,9 +100,9 @@ def main() -> int:
     ap.add_argument("--keep", type=Path, help="work in this directory and keep it (default: a temp dir)")
     a = ap.parse_args()
 
-    from trainer.eval import evaluate, linear_probe
-    from trainer.models import create_model
-    from world.generate import generate_world
+    from recap.trainer.eval import evaluate, linear_probe
+    from recap.trainer.models import create_model
+    from recap.world.generate import generate_world
 
     with tempfile.TemporaryDirectory() as tmp:
         work = a.keep or Path(tmp)

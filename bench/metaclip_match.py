@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import pyarrow as pa
 
-from metadata import Matcher
-from metadata.normalize import entry_key, spacing
+from recap.metadata import Matcher
+from recap.metadata.normalize import entry_key, spacing
 
 ONSETS = ["", "b", "c", "d", "f", "g", "h", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "br", "ch", "cl",
           "dr", "fl", "gr", "kr", "pl", "qu", "sh", "st", "th", "tr"]
@@ -215,9 +215,9 @@ def stage_end_to_end(entries: list[str], texts: list[str], mode: str, n_shards: 
     import json
     import tempfile
 
-    from pipeline.stage import DROP, StageContext
-    from pipeline.steps import run_stage, with_carry
-    from stages.balance import BalanceConfig, BalanceStage
+    from recap.pipeline.stage import DROP, StageContext
+    from recap.pipeline.steps import run_stage, with_carry
+    from recap.stages.balance import BalanceConfig, BalanceStage
 
     with tempfile.TemporaryDirectory() as tmp:
         meta = Path(tmp) / "metadata.json"

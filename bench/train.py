@@ -84,7 +84,7 @@ CONFIG_DIR = ROOT / "trainer" / "model_configs"
 # -- data -------------------------------------------------------------------------------------------
 def make_data(out: Path, samples: int, shards: int, seed: int = 1) -> tuple[Path, int, int]:
     """Demo-world held-out samples as `shards` plain jpg/txt tars: (dir, n_samples, n_shards)."""
-    from world.generate import generate_world
+    from recap.world.generate import generate_world
 
     generate_world(out / "w", samples=20, heldout=samples, seed=seed, port=8765)
     src = out / "w" / "heldout" / "shards"
@@ -178,7 +178,7 @@ def run_recap(args, data: Path, work: Path, tag: str) -> dict:
                      "grad_clip": 1.0, "precision": args.precision}}
     f = work / f"recap-{tag}.yaml"
     f.write_text(yaml.safe_dump(cfg))
-    cmd = [sys.executable, "-m", "trainer.launch", str(f)]
+    cmd = [sys.executable, "-m", "recap.trainer.launch", str(f)]
     if args.nproc > 1:
         cmd += ["--nproc", str(args.nproc)]
     t0 = time.perf_counter()
@@ -243,9 +243,9 @@ def profile(args, data: Path, n_shards: int) -> None:
     from types import SimpleNamespace
 
     from open_clip_train.data import get_wds_dataset
-    from trainer.data import ReinforcedDataset, make_loader
-    from trainer.models import create_model
-    from trainer.train import _image_size
+    from recap.trainer.data import ReinforcedDataset, make_loader
+    from recap.trainer.models import create_model
+    from recap.trainer.train import _image_size
 
     open_clip.add_model_config(str(args.model_config_dir))
     model, pre_train, _, tok = create_model(args.model, output_dict=True)
@@ -270,7 +270,7 @@ def profile(args, data: Path, n_shards: int) -> None:
                             workers=args.workers, world_size=1)
     oc = time_loader(get_wds_dataset(oargs, pre_train, True, tokenizer=tok).dataloader)
 
-    from trainer.losses import build_loss
+    from recap.trainer.losses import build_loss
 
     images = torch.randn(args.batch_size, 3, _image_size(model), _image_size(model))
     texts = torch.randint(1, 1000, (args.batch_size, 77))

@@ -27,8 +27,8 @@ from collections.abc import Iterable, Iterator
 
 import fsspec
 
-from metadata.normalize import spacing
-from metadata.wordnet import DEFAULT_WORDNET, NAME_KINDS, wordnet_names
+from recap.metadata.normalize import spacing
+from recap.metadata.wordnet import DEFAULT_WORDNET, NAME_KINDS, wordnet_names
 
 _FORBIDDEN = frozenset(string.punctuation)  # upstream drops entries that are a single ASCII mark
 
@@ -230,7 +230,7 @@ def metadata_cli(argv: list[str]) -> int:
     b.add_argument("--max-entries", type=int, help="cut the list (upstream: 500000)")
     args = p.parse_args(argv)
     if args.job:
-        from pipeline.job import JobError, load_job
+        from recap.pipeline.job import JobError, load_job
 
         try:
             job = load_job(args.job, args.set)

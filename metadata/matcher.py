@@ -20,7 +20,7 @@ import ahocorasick
 import numpy as np
 import pyarrow as pa
 
-from metadata.normalize import MODES, as_text, entry_key, spacing
+from recap.metadata.normalize import MODES, as_text, entry_key, spacing
 
 
 class Matcher:

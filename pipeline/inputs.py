@@ -18,8 +18,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.job import InputSpec
-from pipeline.uid import make_uid, repeat_uid
+from recap.pipeline.job import InputSpec
+from recap.pipeline.uid import make_uid, repeat_uid
 
 csv.field_size_limit(sys.maxsize)  # huge captions are real input, truncated later with a note
 BASE_COLUMNS = ("uid", "key", "url", "caption", "dup_of", "input_note")

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pyarrow.compute as pc
 
-from pipeline.storage import Dataset, shard_name
+from recap.pipeline.storage import Dataset, shard_name
 
 
 def _uids(table) -> list[str]:
@@ -81,7 +81,7 @@ def inspect_dataset(url: str, samples: int = 0) -> dict:
 
 def _stage_summaries(ds: Dataset, order: list[str], n_shards: int) -> dict:
     """Each stage's own view of its effect (Stage.summarize), for stages installed here."""
-    from pipeline.stage import UnknownStage, get_stage_class
+    from recap.pipeline.stage import UnknownStage, get_stage_class
 
     out = {}
     for name in order:

@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.stage import StageConfig, UnknownStage, available_stages, get_stage_class
+from recap.pipeline.stage import StageConfig, UnknownStage, available_stages, get_stage_class
 
 SOURCE_STAGE = "download"
 

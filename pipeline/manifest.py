@@ -5,7 +5,7 @@ import platform
 from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 
-from pipeline.storage import Dataset
+from recap.pipeline.storage import Dataset
 
 _PACKAGES = ("recap", "ray", "pyarrow", "img2dataset", "webdataset", "torch", "open_clip_torch", "pydantic")
 

@@ -6,8 +6,8 @@ import threading
 import time
 from typing import TextIO
 
-from pipeline.manifest import merge_counts, step_markers
-from pipeline.storage import Dataset
+from recap.pipeline.manifest import merge_counts, step_markers
+from recap.pipeline.storage import Dataset
 
 
 class Progress:

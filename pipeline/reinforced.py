@@ -52,8 +52,8 @@ import fsspec
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from pipeline import rng
-from pipeline.shards import sample_json, write_tar
+from recap.pipeline import rng
+from recap.pipeline.shards import sample_json, write_tar
 
 FORMAT = "recap-reinforced"
 VERSION = 1
@@ -706,7 +706,7 @@ def make_fixture(out: str, n_samples: int, n_shards: int = 1, dims: Sequence[int
     Returns ``{"config", "uids" (in write order), "shards": {name: [uids]}, "samples": {uid: dict}}``."""
     from PIL import Image
 
-    from pipeline.uid import make_uid
+    from recap.pipeline.uid import make_uid
 
     config = ReinforcedConfig(
         teachers=[TeacherConfig(name=f"teacher{k}", pretrained=None, dim=int(d)) for k, d in enumerate(dims)],

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI on import
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from pipeline.inputs import input_fingerprint, plan_shards
-from pipeline.job import Job
-from pipeline.manifest import write_manifest
-from pipeline.progress import Progress
-from pipeline.stage import StageContext, get_stage_class
-from pipeline.steps import StepFailure, StepRunner, StepSpec, config_hash
-from pipeline.storage import Dataset, json_bytes
+from recap.pipeline.inputs import input_fingerprint, plan_shards
+from recap.pipeline.job import Job
+from recap.pipeline.manifest import write_manifest
+from recap.pipeline.progress import Progress
+from recap.pipeline.stage import StageContext, get_stage_class
+from recap.pipeline.steps import StepFailure, StepRunner, StepSpec, config_hash
+from recap.pipeline.storage import Dataset, json_bytes
 
 log = logging.getLogger("recap")
 PLAN = "input/_plan.json"

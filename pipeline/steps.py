@@ -13,10 +13,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.ledger import ledger_table
-from pipeline.shards import read_tar, sample_json, write_tar
-from pipeline.stage import CONTROL_COLUMNS, DETAIL, DROP, IMAGE_COLUMN, NOTE, Stage, StageConfig, StageContext
-from pipeline.storage import Dataset, json_bytes, shard_name, table_bytes
+from recap.pipeline.ledger import ledger_table
+from recap.pipeline.shards import read_tar, sample_json, write_tar
+from recap.pipeline.stage import CONTROL_COLUMNS, DETAIL, DROP, IMAGE_COLUMN, NOTE, Stage, StageConfig, StageContext
+from recap.pipeline.storage import Dataset, json_bytes, shard_name, table_bytes
 
 HASH_META = b"recap.config_hash"
 IMAGE_EXT_META = b"recap.image_ext"

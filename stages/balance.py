@@ -17,9 +17,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator, model_validator
 
-from pipeline import rng
-from pipeline.stage import DETAIL, DROP, Stage, StageConfig
-from pipeline.steps import carry_rel
+from recap.pipeline import rng
+from recap.pipeline.stage import DETAIL, DROP, Stage, StageConfig
+from recap.pipeline.steps import carry_rel
 
 
 class BalanceConfig(StageConfig):
@@ -40,7 +40,7 @@ class BalanceConfig(StageConfig):
         # A local file is checked when the job is loaded, not on the first shard of a running job.
         # (Remote URLs are read by the workers.)
         if "://" not in v:
-            from metadata import MetadataError, load_entries
+            from recap.metadata import MetadataError, load_entries
 
             try:
                 load_entries(v)
@@ -103,7 +103,7 @@ class BalanceStage(Stage):
         return (cfg.text_column, cfg.language_column) if cfg.per_language else (cfg.text_column,)
 
     def setup(self) -> None:
-        from metadata import Matcher, load_entries
+        from recap.metadata import Matcher, load_entries
 
         self.entries = load_entries(self.config.metadata)
         self.matcher = Matcher(self.entries, mode=self.config.mode)
@@ -148,7 +148,7 @@ class BalanceStage(Stage):
         return summary, pa.table({"uid": batch.column("uid"), "matched_entries": matches.cast(pa.list_(pa.int32()))})
 
     def reduce(self, partials: list[dict]) -> dict:
-        from metadata import language_threshold, solve_threshold
+        from recap.metadata import language_threshold, solve_threshold
 
         cfg: BalanceConfig = self.config
         n_entries = len(self.entries)
@@ -185,7 +185,7 @@ class BalanceStage(Stage):
         return {"entry_counts.json": json.dumps(full, ensure_ascii=False).encode()}
 
     def _entry_probs(self, state: dict, lang: str) -> np.ndarray:
-        from metadata import entry_probabilities
+        from recap.metadata import entry_probabilities
 
         cfg: BalanceConfig = self.config
         key = lang if cfg.per_language else "*"
@@ -200,7 +200,7 @@ class BalanceStage(Stage):
         return self._probs[key]
 
     def apply(self, batch: pa.Table, state: dict) -> pa.Table:
-        from metadata import keep_probabilities
+        from recap.metadata import keep_probabilities
 
         cfg: BalanceConfig = self.config
         if "matched_entries" in batch.column_names:  # carried from the partial pass
@@ -226,7 +226,7 @@ class BalanceStage(Stage):
     # -- recap inspect --------------------------------------------------------------------------
     @classmethod
     def summarize(cls, dataset, n_shards: int) -> dict | None:
-        from pipeline.storage import Dataset
+        from recap.pipeline.storage import Dataset
 
         if not dataset.exists("stages/balance/state.json"):
             return None

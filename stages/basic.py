@@ -9,7 +9,7 @@ from typing import ClassVar
 import pyarrow as pa
 from pydantic import Field
 
-from pipeline.stage import DETAIL, DROP, Stage, StageConfig
+from recap.pipeline.stage import DETAIL, DROP, Stage, StageConfig
 
 _FILENAME = re.compile(r"^\s*(?:IMG|DSC|DSCN|DCIM|PXL|MVIMG|Screenshot|image|photo|pic)?[\s_\-]*\d{2,}[\w\-]*(?:\.(?:jpe?g|png|gif|webp|heic|tiff?))?\s*$"
                        r"|^\s*[\w\-]+\.(?:jpe?g|png|gif|webp|heic|tiff?)\s*$", re.IGNORECASE)

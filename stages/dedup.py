@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from pipeline.stage import DETAIL, DROP, Stage, StageConfig
+from recap.pipeline.stage import DETAIL, DROP, Stage, StageConfig
 
 
 class DedupConfig(StageConfig):

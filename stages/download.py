@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.fetch import DEFAULT_USER_AGENT, Fetcher, FetchConfig, FetchResult, parse_host_entry
-from pipeline.stage import DETAIL, DROP, IMAGE_COLUMN, NOTE, Stage, StageConfig
+from recap.pipeline.fetch import DEFAULT_USER_AGENT, Fetcher, FetchConfig, FetchResult, parse_host_entry
+from recap.pipeline.stage import DETAIL, DROP, IMAGE_COLUMN, NOTE, Stage, StageConfig
 
 Interpolation = Literal["nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4"]
 BASE_COLUMNS = ("uid", "key", "url", "caption", "dup_of", "input_note")
@@ -108,7 +108,7 @@ class DownloadStage(Stage):
         return self.config.encode_format
 
     def setup(self) -> None:
-        from pipeline.imaging import ImageProcessor
+        from recap.pipeline.imaging import ImageProcessor
 
         cfg: DownloadConfig = self.config
         self._fetcher = Fetcher(cfg.fetch_config())

@@ -37,7 +37,7 @@ def ray_local(s3_endpoint):
     """One local Ray for the whole test session: starting Ray costs seconds on 2 cores."""
     import ray
 
-    from pipeline.runner import init_ray
+    from recap.pipeline.runner import init_ray
 
     started = init_ray(None, 2)
     yield ray
@@ -50,7 +50,7 @@ def fake_stages():
     """The network-free stages of tests/engine_stages.py, registered for one test."""
     from ray import cloudpickle
 
-    from pipeline import stage as stage_mod
+    from recap.pipeline import stage as stage_mod
     from tests import engine_stages
 
     cloudpickle.register_pickle_by_value(engine_stages)  # Ray workers cannot import tests/

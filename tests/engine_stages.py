@@ -3,8 +3,8 @@ import hashlib
 
 import pyarrow as pa
 
-from pipeline import rng
-from pipeline.stage import DETAIL, DROP, NOTE, Stage, StageConfig
+from recap.pipeline import rng
+from recap.pipeline.stage import DETAIL, DROP, NOTE, Stage, StageConfig
 
 
 class FakeSourceConfig(StageConfig):

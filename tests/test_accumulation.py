@@ -5,11 +5,11 @@ import pytest
 import torch
 import yaml
 
-from trainer.config import TrainConfig, load_train_config
-from trainer.losses import ShortTagLoss, build_loss
-from trainer.models import create_model
-from trainer.step import backward_step, compute_loss
-from trainer.train import train
+from recap.trainer.config import TrainConfig, load_train_config
+from recap.trainer.losses import ShortTagLoss, build_loss
+from recap.trainer.models import create_model
+from recap.trainer.step import backward_step, compute_loss
+from recap.trainer.train import train
 
 WORDS = ["red", "blue", "star", "circle", "large", "small", "two", "on", "a", "white", "background", "green"]
 
@@ -102,7 +102,7 @@ def test_non_finite_micro_batch_is_reported():
 
 
 def test_accum_two_by_eight_trains_like_sixteen(tmp_path):
-    from world.generate import generate_world
+    from recap.world.generate import generate_world
 
     generate_world(tmp_path / "w", samples=20, heldout=64, seed=5, port=8765)
 

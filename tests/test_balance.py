@@ -8,10 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import rng
-from pipeline.inspect import format_report, inspect_dataset
-from pipeline.job import build_job
-from pipeline.runner import run_job
+from recap.pipeline import rng
+from recap.pipeline.inspect import format_report, inspect_dataset
+from recap.pipeline.job import build_job
+from recap.pipeline.runner import run_job
 
 COLOURS = ["red", "blue", "green", "teal", "mauve", "ochre", "umber", "cyan"]
 SHAPES = ["circle", "square", "star", "hexagon", "crescent", "trefoil", "rhombus", "lozenge"]
@@ -188,7 +188,7 @@ def test_keep_all_for_online_balancing(corpus, ray_local, fake_stages):
 
 def test_per_language_thresholds(tmp_path, ray_local, fake_stages):
     """MetaCLIP 2: each language gets the t at which its cumulative match share matches English's tail share."""
-    from metadata import language_threshold
+    from recap.metadata import language_threshold
 
     en = _corpus(300, seed=3)
     de = ["de: " + c for c in _corpus(120, seed=4)]
@@ -220,7 +220,7 @@ def test_per_language_thresholds(tmp_path, ray_local, fake_stages):
 
 
 def test_bad_metadata_is_a_job_error_naming_the_field(tmp_path):
-    from pipeline.job import JobError
+    from recap.pipeline.job import JobError
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(["dog", 3]))
@@ -235,8 +235,8 @@ def test_bad_metadata_is_a_job_error_naming_the_field(tmp_path):
 def test_text_column_of_bytes_or_not_text(tmp_path):
     """A bytes column (say, a raw caption with bad UTF-8) matches on what decodes; a column that is
     not text is an error naming it."""
-    from pipeline.stage import StageContext
-    from stages.balance import BalanceConfig, BalanceStage
+    from recap.pipeline.stage import StageContext
+    from recap.stages.balance import BalanceConfig, BalanceStage
 
     meta = tmp_path / "m.json"
     meta.write_text(json.dumps(["dog", "café"]))

@@ -1,9 +1,9 @@
 """The basic and dedup stages called directly (the engine runs them in test_engine / test_demo)."""
 import pyarrow as pa
 
-from pipeline.stage import StageContext
-from stages.basic import BasicConfig, BasicStage
-from stages.dedup import DedupConfig, DedupStage
+from recap.pipeline.stage import StageContext
+from recap.stages.basic import BasicConfig, BasicStage
+from recap.stages.dedup import DedupConfig, DedupStage
 
 CTX = StageContext(job_name="t", seed=0, stage="basic", dataset="mem")
 

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from pipeline.imaging import ImageProcessor, check_and_prepare, resizer_reason, sniff
-from pipeline.stage import DETAIL, DROP, NOTE, StageContext
-from stages.download import DownloadConfig, DownloadStage
+from recap.pipeline.imaging import ImageProcessor, check_and_prepare, resizer_reason, sniff
+from recap.pipeline.stage import DETAIL, DROP, NOTE, StageContext
+from recap.stages.download import DownloadConfig, DownloadStage
 from tests.httpd import TestServer, redirect, static
 
 CTX = StageContext(job_name="t", seed=0, stage="download", dataset="mem://")

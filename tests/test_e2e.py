@@ -12,16 +12,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.inspect import format_report, inspect_dataset
-from pipeline.job import load_job
-from pipeline.runner import run_job
+from recap.pipeline.inspect import format_report, inspect_dataset
+from recap.pipeline.job import load_job
+from recap.pipeline.runner import run_job
 from tests.conftest import free_port
 from tests.test_engine import digest
-from world.generate import generate_world
-from world.server import serve
+from recap.world.generate import generate_world
+from recap.world.server import serve
 
 ROOT = Path(__file__).resolve().parent.parent
-RECAP = [sys.executable, "-m", "pipeline.cli"]
+RECAP = [sys.executable, "-m", "recap.cli"]
 DEMO_METADATA = ROOT / "jobs" / "demo-metadata.json"
 
 

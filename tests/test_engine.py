@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.inspect import inspect_dataset
-from pipeline.job import build_job
-from pipeline.runner import JobFailed, run_job
+from recap.pipeline.inspect import inspect_dataset
+from recap.pipeline.job import build_job
+from recap.pipeline.runner import JobFailed, run_job
 
 
 def _input(tmp_path, n=22):
@@ -124,7 +124,7 @@ def test_a_failing_stage_names_stage_and_shard(tmp_path, ray_local, fake_stages)
 
 
 def test_inspect_detects_a_lost_sample(tmp_path, ray_local, fake_stages, capsys):
-    from pipeline.cli import main
+    from recap.cli import main
 
     out = tmp_path / "ds"
     run_job(_job(tmp_path, out, [{"upper": {}}]), progress=False)
@@ -145,7 +145,7 @@ def test_inspect_detects_a_lost_sample(tmp_path, ray_local, fake_stages, capsys)
 
 
 def test_cli_bad_job_file_exits_2(tmp_path, capsys):
-    from pipeline.cli import main
+    from recap.cli import main
 
     job = tmp_path / "j.yaml"
     job.write_text("name: x\ninput: {path: u.csv}\noutput: o\ndownload: {timeout: -3}\n")

@@ -17,16 +17,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from trainer.checkpoint import save_checkpoint
-from trainer.eval import eval_cli, evaluate, flatten, format_table, retrieval_metrics
-from trainer.models import create_model
+from recap.trainer.checkpoint import save_checkpoint
+from recap.trainer.eval import eval_cli, evaluate, flatten, format_table, retrieval_metrics
+from recap.trainer.models import create_model
 
 torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")
 def heldout(tmp_path_factory) -> Path:
-    from world.generate import generate_world
+    from recap.world.generate import generate_world
 
     out = tmp_path_factory.mktemp("world") / "w"
     generate_world(out, samples=50, heldout=60, seed=0, port=8765)
@@ -465,10 +465,10 @@ def test_linear_probe_reads_what_the_embeddings_hold(heldout, tmp_path, capsys):
     object's colour scores far above chance on another world's images; the same probe for labels
     that are a hash of the sample key (nothing to read) stays near chance. ``recap eval
     --linear-probe`` prints it."""
-    from world.generate import generate_world
-    from world.scenes import COLOURS
+    from recap.world.generate import generate_world
+    from recap.world.scenes import COLOURS
 
-    from trainer.eval import linear_probe
+    from recap.trainer.eval import linear_probe
 
     generate_world(tmp_path / "w3", samples=20, heldout=260, seed=3, port=8765)
     colours = list(COLOURS)

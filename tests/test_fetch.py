@@ -10,7 +10,7 @@ import time
 import pytest
 from PIL import Image
 
-from pipeline.fetch import (DEFAULT_USER_AGENT, FetchConfig, Fetcher, _Fail, address_problem, opted_out,
+from recap.pipeline.fetch import (DEFAULT_USER_AGENT, FetchConfig, Fetcher, _Fail, address_problem, opted_out,
                             parse_host_entry, parse_url)
 from tests.httpd import TestServer, chunked, drip, flaky, hang, redirect, self_signed, send, static
 

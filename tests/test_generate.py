@@ -12,8 +12,8 @@ import torch
 import yaml
 from PIL import Image
 
-from trainer.generate import EOT, PAD, SOT, decode, generate
-from trainer.models import create_model
+from recap.trainer.generate import EOT, PAD, SOT, decode, generate
+from recap.trainer.models import create_model
 
 torch.set_num_threads(1)
 
@@ -87,9 +87,9 @@ def test_not_a_captioner_or_bad_lengths():
 def test_a_briefly_trained_captioner_speaks_the_worlds_language(tmp_path):
     """30 CoCa steps on the demo world: greedy and beam captions of another world's images use
     the world's caption words; the untrained model's do not."""
-    from trainer.config import load_train_config
-    from trainer.train import train
-    from world.generate import generate_world
+    from recap.trainer.config import load_train_config
+    from recap.trainer.train import train
+    from recap.world.generate import generate_world
 
     generate_world(tmp_path / "train", samples=20, heldout=480, seed=1, port=8765)
     generate_world(tmp_path / "eval", samples=20, heldout=8, seed=2, port=8765)

@@ -3,8 +3,8 @@ from collections import Counter
 
 import pytest
 
-from pipeline.reinforced import ReinforcedWriter, make_fixture
-from trainer.data import ReinforcedDataset, make_loader
+from recap.pipeline.reinforced import ReinforcedWriter, make_fixture
+from recap.trainer.data import ReinforcedDataset, make_loader
 
 
 @pytest.fixture(scope="module")
@@ -80,11 +80,11 @@ def test_distill_kl_sees_the_teachers_negatives(tmp_path):
     import torch
     import yaml
 
-    from trainer.config import load_train_config
-    from trainer.data import collate
-    from trainer.losses import DistillClipLoss
-    from trainer.models import create_model
-    from trainer.step import compute_loss
+    from recap.trainer.config import load_train_config
+    from recap.trainer.data import collate
+    from recap.trainer.losses import DistillClipLoss
+    from recap.trainer.models import create_model
+    from recap.trainer.step import compute_loss
 
     make_fixture(str(tmp_path / "ds"), n_samples=8, n_shards=1, dims=(16,), seed=3, n_aug=1, n_syn=1, n_neg=2)
     model, _, _, tok = create_model("recap-tiny", output_dict=True)
@@ -115,7 +115,7 @@ def test_several_negatives_per_sample(tmp_path):
     batch's neg_index points each column at its sample."""
     import numpy as np
 
-    from trainer.data import collate
+    from recap.trainer.data import collate
 
     fx = make_fixture(str(tmp_path / "ds"), n_samples=12, n_shards=1, dims=(8,), seed=4, n_aug=1, n_syn=0, n_neg=5)
 

@@ -4,9 +4,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.inputs import InputError, plan_shards
-from pipeline.job import InputSpec
-from pipeline.uid import make_uid
+from recap.pipeline.inputs import InputError, plan_shards
+from recap.pipeline.job import InputSpec
+from recap.pipeline.uid import make_uid
 
 
 def _plan(path, sps=3, **kw):

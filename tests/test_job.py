@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.job import JobError, apply_set, build_job, load_job
+from recap.pipeline.job import JobError, apply_set, build_job, load_job
 
 
 def _job(**over):

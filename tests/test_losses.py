@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from trainer import losses
-from trainer.distributed import run_spawned
+from recap.trainer import losses
+from recap.trainer.distributed import run_spawned
 
 D, T_LEN, VOCAB, TAGS = 12, 6, 11, 9
 

@@ -6,8 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from metadata.builder import metadata_cli, pmi_bigrams
-from metadata.wordnet import wordnet_names
+from recap.metadata.builder import metadata_cli, pmi_bigrams
+from recap.metadata.wordnet import wordnet_names
 
 LICENCE = "  1 This software and database is being provided to you, the LICENSEE, by  \n"
 NOUN = LICENCE + (
@@ -138,7 +138,7 @@ def test_shipped_demo_metadata_is_the_builders_output(tmp_path):
     """jobs/demo-metadata.json is reproducible: the builder on the world's vocabulary remakes it."""
     from pathlib import Path
 
-    from world.scenes import metadata_titles
+    from recap.world.scenes import metadata_titles
 
     titles = tmp_path / "titles.txt"
     titles.write_text("".join(f"{w}\n" for w in metadata_titles()))

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from metadata import (Matcher, MetadataError, count_entries, entry_probabilities, keep_probabilities, keep_probability,
+from recap.metadata import (Matcher, MetadataError, count_entries, entry_probabilities, keep_probabilities, keep_probability,
                       language_threshold, load_entries, solve_threshold)
 
 
@@ -105,7 +105,7 @@ def test_modes_on_single_entries(entry, text, m1, m2):
 
 
 def test_spacing_is_upstreams():
-    from metadata import spacing
+    from recap.metadata import spacing
     assert spacing("a,b.c;d:e?f!g`h\ti\nj\rk") == " a , b . c ; d : e ? f ! g ` h i j k "
     assert spacing("") == "  " and spacing("x  y") == " x  y "
     assert spacing("Ünï\u00a0code") == " Ünï\u00a0code "

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.reinforced import (AugConfig, ReinforcedConfig, ReinforcedFormatError, ReinforcedWriter,
+from recap.pipeline.reinforced import (AugConfig, ReinforcedConfig, ReinforcedFormatError, ReinforcedWriter,
                                  TeacherConfig, apply_param_aug, iter_shard, list_shards, load_npz, make_fixture,
                                  npz_bytes, read_config, read_sizes, sample_param_aug)
-from pipeline.shards import read_tar, write_tar
+from recap.pipeline.shards import read_tar, write_tar
 
 
 @pytest.fixture(scope="module")

@@ -8,18 +8,18 @@ import pytest
 import torch
 import yaml
 
-from pipeline.reinforced import ReinforcedWriter
-from trainer.config import load_train_config
-from trainer.tags import TagVocabError, build_tag_vocab, load_tag_vocab, tag_ids
-from trainer.train import train
+from recap.pipeline.reinforced import ReinforcedWriter
+from recap.trainer.config import load_train_config
+from recap.trainer.tags import TagVocabError, build_tag_vocab, load_tag_vocab, tag_ids
+from recap.trainer.train import train
 
 
 @pytest.fixture(scope="module")
 def tagged(tmp_path_factory):
     """The demo world's clean split as reinforced shards whose syn.json carries short tags: the colour
     and background colour (positive), another colour (negative), plus a rare tag and junk to ignore."""
-    from world.generate import generate_world
-    from world.scenes import COLOURS
+    from recap.world.generate import generate_world
+    from recap.world.scenes import COLOURS
 
     base = tmp_path_factory.mktemp("tagged")
     generate_world(base / "w", samples=20, heldout=240, seed=3, port=8765)
@@ -56,7 +56,7 @@ def _cfg(tmp_path, data, **over):
 
 
 def test_vocab_and_ids(tagged, tmp_path):
-    from pipeline.reinforced import list_shards
+    from recap.pipeline.reinforced import list_shards
 
     vocab = build_tag_vocab(list_shards(str(tagged)), max_tags=100, min_count=2)
     assert "rare tag" not in vocab and "7" not in vocab and "" not in vocab  # under min_count; not tags
@@ -128,7 +128,7 @@ def test_two_ranks_train_the_head(tagged, tmp_path):
     raw["data"]["batch_size"] = 8
     (tmp_path / "t.yaml").write_text(yaml.safe_dump(raw))
     assert cfg.loss.short_tags is not None
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(tmp_path / "t.yaml"), "--nproc", "2"],
+    r = subprocess.run([sys.executable, "-m", "recap.cli", "train", str(tmp_path / "t.yaml"), "--nproc", "2"],
                        cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])

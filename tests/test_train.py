@@ -13,8 +13,8 @@ import pytest
 import torch
 import yaml
 
-from trainer.config import load_train_config
-from trainer.train import NonFiniteLoss, train
+from recap.trainer.config import load_train_config
+from recap.trainer.train import NonFiniteLoss, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
     """Two independent demo worlds: train on one's clean split, evaluate on the other's."""
-    from world.generate import generate_world
+    from recap.world.generate import generate_world
 
     base = tmp_path_factory.mktemp("worlds")
     generate_world(base / "train", samples=20, heldout=1400, seed=1, port=8765)
@@ -99,7 +99,7 @@ def test_mixed_precision_autocasts_and_resumes_exactly(tmp_path, worlds, precisi
 def _signal_after_step_3(train_file: Path, run: Path, send, *extra: str) -> tuple[dict, str]:
     """Run `recap train` (in a session of its own), `send` it a signal once metrics.csv shows step 3,
     and return its summary and stderr; it must exit 3 (preempted)."""
-    p = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "train", str(train_file), *extra], cwd=ROOT, text=True,
+    p = subprocess.Popen([sys.executable, "-m", "recap.cli", "train", str(train_file), *extra], cwd=ROOT, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          start_new_session=True)
     metrics, deadline = run / "metrics.csv", time.time() + 240
@@ -129,7 +129,7 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_is_exact(tmp_path, worlds):
 
 
 def test_resume_with_another_batch_size_or_world_size_keeps_the_epoch_position(tmp_path, worlds):
-    from trainer.train import resume_batches
+    from recap.trainer.train import resume_batches
 
     same = {"batches": 6, "batch_size": 8, "world_size": 2}
     assert resume_batches(same, 8, 2) == 6  # the checkpoint's own layout: exact
@@ -201,8 +201,8 @@ def test_tiny_model_learns_the_demo_world(tmp_path, worlds):
     the dominant colour (the held-out split's `colour` label set), held-out retrieval and the
     colour-swap negatives rise well above chance. (Shape is not learnt this fast: zero-shot over
     the shape classes stays near chance, see the README and bench/caption_content.py.)"""
-    from trainer.eval import evaluate
-    from trainer.models import create_model
+    from recap.trainer.eval import evaluate
+    from recap.trainer.models import create_model
 
     data, held = worlds
     # about 21 s of training on 2 cores (0.41-0.43 colour zero-shot over three seeds, chance 0.077)
@@ -228,7 +228,7 @@ def test_two_ranks_with_torchrun_and_ray_train(tmp_path, worlds):
     # accum 2: the exact accumulation (no_sync, then one all-reduce) on two ranks, both launchers
     f = _cfg(tmp_path, data, steps=3, **{"data.batch_size": 4, "optim.accum": 2})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(f), "--nproc", "2"], cwd=ROOT, env=env,
+    r = subprocess.run([sys.executable, "-m", "recap.cli", "train", str(f), "--nproc", "2"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -236,7 +236,7 @@ def test_two_ranks_with_torchrun_and_ray_train(tmp_path, worlds):
     assert (tmp_path / "run/checkpoints/step_3.pt").exists()
 
     # the same two ranks on Ray Train's TorchTrainer (a local Ray, gloo) give the same parameters
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(f), "--ray", "--address", "local",
+    r = subprocess.run([sys.executable, "-m", "recap.cli", "train", str(f), "--ray", "--address", "local",
                         "--num-workers", "2", "--output", str(tmp_path / "ray")], cwd=ROOT,
                        env={**env, "RAY_USAGE_STATS_ENABLED": "0"}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
@@ -268,7 +268,7 @@ def test_gradient_checkpointing_gives_the_same_steps(tmp_path, worlds):
 def test_empty_shard_list_fails_before_step_one(tmp_path):
     (tmp_path / "empty").mkdir()
     f = _cfg(tmp_path, tmp_path / "empty")
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(f)], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "recap.cli", "train", str(f)], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 1 and "empty" in r.stderr and "shard" in r.stderr.lower()
     assert not (tmp_path / "run/checkpoints").exists()
@@ -277,15 +277,15 @@ def test_empty_shard_list_fails_before_step_one(tmp_path):
 def test_bad_train_file_exits_2(tmp_path):
     f = tmp_path / "t.yaml"
     f.write_text("output: x\nsteps: 0\ndata: {path: y, batch_sise: 3}\n")
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(f)], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "recap.cli", "train", str(f)], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2
     assert "steps" in r.stderr and "data.batch_sise" in r.stderr and str(f) in r.stderr
 
 
 def test_non_finite_loss_stops_with_the_batch(tmp_path, worlds):
-    from trainer.checkpoint import save_checkpoint
-    from trainer.models import create_model
+    from recap.trainer.checkpoint import save_checkpoint
+    from recap.trainer.models import create_model
 
     data, _ = worlds
     model, *_ = create_model("recap-tiny")
@@ -301,7 +301,7 @@ def test_non_finite_loss_stops_with_the_batch(tmp_path, worlds):
 
 
 def _fixture(tmp_path):
-    from pipeline.reinforced import make_fixture
+    from recap.pipeline.reinforced import make_fixture
 
     out = tmp_path / "reinforced"
     make_fixture(str(out), n_samples=64, n_shards=2, dims=(16, 8), seed=3, n_aug=2, n_syn=2, n_neg=1, image_size=64,
@@ -330,7 +330,7 @@ def test_two_ranks_in_half_precision(tmp_path):
     f = _cfg(tmp_path, data, steps=2, **{"data.batch_size": 8, "loss.kind": "distill", "loss.lambda_distill": 0.5,
                                          "loss.hard_negatives": True, "loss.teacher_dims": [16, 8],
                                          "optim.precision": "fp16"})
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(f), "--nproc", "2"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "recap.cli", "train", str(f), "--nproc", "2"], cwd=ROOT,
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -343,7 +343,7 @@ def test_two_ranks_in_half_precision(tmp_path):
 def test_teacher_dims_that_do_not_match_fail_before_step_one(tmp_path):
     data = _fixture(tmp_path)
     f = _cfg(tmp_path, data, **{"loss.kind": "distill", "loss.teacher_dims": [32]})
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(f)], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "recap.cli", "train", str(f)], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 1 and "24-d" in r.stderr and "32" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "run/checkpoints").exists()
@@ -355,7 +355,7 @@ def test_coca_trains_its_captioner(tmp_path, worlds):
     f = _cfg(tmp_path, data, steps=2, **{"data.batch_size": 8, "model.name": "recap-tiny-coca", "loss.kind": "coca"})
     summary = train(load_train_config(f))
     assert summary["step"] == 2 and summary["caption_loss"] > 0 and summary["contrastive_loss"] > 0
-    from trainer.models import create_model
+    from recap.trainer.models import create_model
 
     model, *_ = create_model("recap-tiny-coca", pretrained=str(tmp_path / "run/checkpoints/step_2.pt"))
     assert hasattr(model, "text_decoder")
@@ -364,7 +364,7 @@ def test_coca_trains_its_captioner(tmp_path, worlds):
 def test_coca_loss_with_a_clip_model_is_a_config_error(tmp_path, worlds):
     data, _ = worlds
     f = _cfg(tmp_path, data, **{"loss.kind": "coca"})
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(f)], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "recap.cli", "train", str(f)], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "coca" in r.stderr
 
@@ -380,7 +380,7 @@ def test_wandb_logging_or_a_clear_error(tmp_path, worlds):
         with pytest.raises(ValueError, match="pip install wandb"):
             train(cfg)
         assert not (tmp_path / "run/metrics.csv").exists()
-        r = subprocess.run([sys.executable, "-m", "pipeline.cli", "train", str(f)], cwd=ROOT,
+        r = subprocess.run([sys.executable, "-m", "recap.cli", "train", str(f)], cwd=ROOT,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 1 and "pip install wandb" in r.stderr
     else:  # offline: nothing leaves the machine

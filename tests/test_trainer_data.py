@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.reinforced import apply_param_aug, iter_shard, list_shards, make_fixture, npz_bytes, read_config
-from pipeline.shards import read_tar, write_tar
-from trainer.data import OPENAI_MEAN, OPENAI_STD, DataError, ReinforcedDataset, make_loader
+from recap.pipeline.reinforced import apply_param_aug, iter_shard, list_shards, make_fixture, npz_bytes, read_config
+from recap.pipeline.shards import read_tar, write_tar
+from recap.trainer.data import OPENAI_MEAN, OPENAI_STD, DataError, ReinforcedDataset, make_loader
 
 S = 16  # image side: small and fast
 

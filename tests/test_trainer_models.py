@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from trainer.models import (bundled_models, create_model, embed_dim, image_dim, image_size, stretch_positions,
+from recap.trainer.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from recap.trainer.models import (bundled_models, create_model, embed_dim, image_dim, image_size, stretch_positions,
                             stretch_text_positions, text_context_length)
 
 torch.set_num_threads(1)

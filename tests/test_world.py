@@ -25,10 +25,10 @@ import pytest
 from PIL import Image
 
 from tests.conftest import free_port
-from world import DEFAULT_PORT, generate_world, serve
-from world.captions import exact_en, foreign
-from world.generate import FAULTS, TOO_LARGE_BYTES
-from world.scenes import COLOURS, CONCEPTS, SHAPES, concept_of, image_size, sample_scene
+from recap.world import DEFAULT_PORT, generate_world, serve
+from recap.world.captions import exact_en, foreign
+from recap.world.generate import FAULTS, TOO_LARGE_BYTES
+from recap.world.scenes import COLOURS, CONCEPTS, SHAPES, concept_of, image_size, sample_scene
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = 300
@@ -170,7 +170,7 @@ def test_caption_kinds_languages_faults_and_duplicates_are_all_there(truth):
 
 
 def test_wrong_captions_are_exact_captions_of_another_concept(truth):
-    from world.captions import EXACT_TEMPLATES
+    from recap.world.captions import EXACT_TEMPLATES
 
     def exact_captions(scene):
         return {exact_en(scene, t, v, st) for t in range(len(EXACT_TEMPLATES)) for v in range(2) for st in range(4)}

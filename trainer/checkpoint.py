@@ -108,7 +108,7 @@ def save_checkpoint(path_or_url: str, *, model: torch.nn.Module, optimizer: torc
                     extra: dict | None = None, heads: dict[str, torch.nn.Module] | None = None) -> str:
     """Write a checkpoint to ``path_or_url`` (atomically; see the module docstring) and update the
     ``latest`` pointer beside it. ``model`` may be DDP-wrapped. Returns the path written."""
-    from trainer.models import text_context_length
+    from recap.trainer.models import text_context_length
 
     m = _unwrap(model)
     try:

@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from pipeline import rng
-from pipeline.reinforced import (PLAIN_AUG, ReinforcedConfig, ReinforcedFormatError, apply_param_aug, check_param,
+from recap.pipeline import rng
+from recap.pipeline.reinforced import (PLAIN_AUG, ReinforcedConfig, ReinforcedFormatError, apply_param_aug, check_param,
                                  decode_sample, find_config, iter_raw, list_shards, read_sizes, sample_param_aug)
-from trainer.tags import tag_ids
+from recap.trainer.tags import tag_ids
 
 # open_clip.constants.OPENAI_DATASET_MEAN / _STD (copied: importing open_clip costs seconds per worker)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -146,7 +146,7 @@ def _folder_classnames(fs, root: str, folders: list[tuple[str, list[str]]], data
 def _iter_shard(fs, shard: str, skipped: Counter) -> Iterator[dict[str, Any]]:
     # the reinforced reader's tar grouping: a shard cut short (even at a block boundary) ends with
     # `truncated_shard` counted, the sample being read dropped, and what came before kept
-    from pipeline.reinforced import iter_raw
+    from recap.pipeline.reinforced import iter_raw
 
     before = skipped["truncated_shard"]
     for key, group in iter_raw(fs.unstrip_protocol(shard), skipped):
@@ -619,7 +619,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _resolve_target(target: str, model_name: str | None, pretrained: str | None) -> tuple[str, str | None, int | None]:
     """→ (model name, pretrained (tag or checkpoint path), stored context length)."""
-    from trainer.checkpoint import latest_checkpoint, read_checkpoint
+    from recap.trainer.checkpoint import latest_checkpoint, read_checkpoint
 
     fs, path = fsspec.core.url_to_fs(target)
     ckpt = None
@@ -673,7 +673,7 @@ def eval_cli(argv: list[str]) -> int:
         return EXIT_FAILED
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        from trainer.models import create_model
+        from recap.trainer.models import create_model
 
         name, pretrained, ctx = _resolve_target(args.target, args.model, args.pretrained)
         context_length = args.context_length or ctx
@@ -733,7 +733,7 @@ def run_clip_benchmark(name: str, pretrained: str | None, extra_args: Sequence[s
     import clip_benchmark.cli as cb_cli
     import clip_benchmark.models as cb_models
 
-    from trainer.models import create_model
+    from recap.trainer.models import create_model
 
     def load_recap(model_name: str, pretrained: str | None, cache_dir: str | None = None, device="cpu", **_):
         model, _, preprocess, tokenizer = create_model(

@@ -55,7 +55,7 @@ def _torchrun(args, argv: list[str]) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={args.nproc}", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
            "--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", f"--shutdown-timeout={SHUTDOWN_TIMEOUT}",
-           "-m", "trainer.launch", *child]
+           "-m", "recap.trainer.launch", *child]
     with tempfile.TemporaryDirectory() as d:
         marker = os.path.join(d, "preempted")
         # the notice reaches the ranks (and torchrun) through the process group: here it only must not kill us
@@ -76,8 +76,8 @@ def _ray(cfg, args) -> int:
     ray.init(address=args.address) if args.address else ray.init()
 
     def loop(conf: dict) -> None:
-        from trainer.config import TrainConfig
-        from trainer.train import train
+        from recap.trainer.config import TrainConfig
+        from recap.trainer.train import train
 
         train(TrainConfig.model_validate(conf["cfg"]), resume=conf["resume"])
 
@@ -90,8 +90,8 @@ def _ray(cfg, args) -> int:
 
 
 def train_cli(argv: list[str]) -> int:
-    from trainer.config import TrainConfigError, load_train_config
-    from trainer.train import NonFiniteLoss, train
+    from recap.trainer.config import TrainConfigError, load_train_config
+    from recap.trainer.train import NonFiniteLoss, train
 
     args = _parser().parse_args(argv)
     try:

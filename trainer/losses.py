@@ -44,7 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from trainer.distributed import exchange_with_grad, gather_counts, gather_parts_with_grad, require_group
+from recap.trainer.distributed import exchange_with_grad, gather_counts, gather_parts_with_grad, require_group
 
 __all__ = ["ClipLoss", "SigLipLoss", "DistillClipLoss", "CoCaLoss", "ShortTagLoss", "build_loss", "LOSSES"]
 

@@ -94,7 +94,7 @@ def create_model(name: str, *, pretrained: str | None = None, context_length: in
         _init_left_empty(model)
     tokenizer = get_tokenizer(name, context_length=overrides.get("force_context_length"))
     if own_ckpt:
-        from trainer.checkpoint import read_state_dict
+        from recap.trainer.checkpoint import read_state_dict
 
         state = read_state_dict(pretrained)
         ckpt_ctx = _state_text_positions(model, state)

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from trainer.config import TrainConfig
+from recap.trainer.config import TrainConfig
 
 # features with one row per sample (or per negative): concatenated over micro-batches
 _ROW_OUTPUTS = ("image_features", "text_features", "negative_text_features")

@@ -47,7 +47,7 @@ def load_tag_vocab(path: str) -> list[str]:
 
 def build_tag_vocab(shards: Sequence[str], max_tags: int, min_count: int = 1) -> list[str]:
     """The most frequent ``short_positive`` tags over all shards (one count per sample)."""
-    from pipeline.reinforced import decode_sample, iter_raw
+    from recap.pipeline.reinforced import decode_sample, iter_raw
 
     counts: Counter = Counter()
     for url in shards:

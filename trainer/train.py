@@ -21,8 +21,8 @@ import fsspec
 import torch
 import torch.distributed as dist
 
-from trainer.config import TrainConfig
-from trainer.step import backward_step
+from recap.trainer.config import TrainConfig
+from recap.trainer.step import backward_step
 
 log = logging.getLogger("recap.train")
 
@@ -205,10 +205,10 @@ def _determinism(on: bool):
 
 
 def _train(cfg: TrainConfig, resume: str | None, stop_after: int | None) -> dict:
-    from trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-    from trainer.data import ReinforcedDataset, make_loader
-    from trainer.losses import build_loss
-    from trainer.models import create_model
+    from recap.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+    from recap.trainer.data import ReinforcedDataset, make_loader
+    from recap.trainer.losses import build_loss
+    from recap.trainer.models import create_model
 
     if cfg.wandb is not None:
         import importlib.util
@@ -376,7 +376,7 @@ def resume_batches(position: dict, batch_size: int, world: int) -> int:
 
 
 def _check_eval_data(path: str) -> None:
-    from trainer.eval import list_shards
+    from recap.trainer.eval import list_shards
 
     try:
         list_shards(path)
@@ -388,7 +388,7 @@ def _evaluate(cfg: TrainConfig, model, preprocess, tokenizer, device, step: int,
     """``recap eval`` on ``cfg.eval_data`` (rank 0): one line of eval.jsonl, the flat metrics to
     TensorBoard/W&B as ``eval/...``. The RNG states are put back, so a run with evaluations trains
     exactly as one without."""
-    from trainer.eval import evaluate, flatten
+    from recap.trainer.eval import evaluate, flatten
 
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
@@ -419,10 +419,10 @@ def _short_tags(cfg: TrainConfig, model, rank: int, world: int, device: torch.de
     st = cfg.loss.short_tags
     if st is None:
         return None, {}
-    from pipeline.reinforced import list_shards
-    from trainer.losses import ShortTagLoss
-    from trainer.models import image_dim
-    from trainer.tags import build_tag_vocab, load_tag_vocab
+    from recap.pipeline.reinforced import list_shards
+    from recap.trainer.losses import ShortTagLoss
+    from recap.trainer.models import image_dim
+    from recap.trainer.tags import build_tag_vocab, load_tag_vocab
 
     vocab = load_tag_vocab(st.vocab) if st.vocab else build_tag_vocab(list_shards(cfg.data.path), st.max_tags, st.min_count)
     if rank == 0:

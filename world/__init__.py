@@ -12,11 +12,11 @@ __all__ = ["DEFAULT_PORT", "generate_world", "serve"]
 
 def __getattr__(name: str) -> Any:
     if name in ("DEFAULT_PORT", "generate_world"):
-        from world import generate
+        from recap.world import generate
 
         return getattr(generate, name)
     if name == "serve":
-        from world.server import serve
+        from recap.world.server import serve
 
         return serve
     raise AttributeError(f"module 'world' has no attribute {name!r}")

@@ -10,7 +10,7 @@ import copy
 import random
 from typing import Any
 
-from world.scenes import COLOURS, SHAPES, Scene, dominant, groups
+from recap.world.scenes import COLOURS, SHAPES, Scene, dominant, groups
 
 # -- English --------------------------------------------------------------------------------------
 

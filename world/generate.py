@@ -35,9 +35,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from world import captions as cap
-from world import render
-from world.scenes import COLOURS, SHAPES, Scene, concept_of, image_size, sample_scene, scene_json
+from recap.world import captions as cap
+from recap.world import render
+from recap.world.scenes import COLOURS, SHAPES, Scene, concept_of, image_size, sample_scene, scene_json
 
 DEFAULT_PORT = 8765
 VERSION = 1

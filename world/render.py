@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from world.scenes import COLOURS, Scene
+from recap.world.scenes import COLOURS, Scene
 
 SUPERSAMPLE = 2  # draw at 2x and box-filter down: cheap anti-aliasing
 

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from world.generate import TRAP_HOST
-from world.render import jpeg_filler_head, tiny_jpeg
+from recap.world.generate import TRAP_HOST
+from recap.world.render import jpeg_filler_head, tiny_jpeg
 
 _CHUNK = 64 << 10
 

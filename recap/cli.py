@@ -12,7 +12,6 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_JOB = 0, 1, 2
-DEMO_JOB = Path(__file__).resolve().parent.parent / "jobs" / "demo.yaml"
 
 
 def _err(msg: str) -> None:
@@ -20,9 +19,9 @@ def _err(msg: str) -> None:
 
 
 def cmd_run(args) -> int:
-    from pipeline.inputs import InputError
-    from pipeline.job import JobError, load_job
-    from pipeline.runner import JobFailed, run_job
+    from recap.pipeline.inputs import InputError
+    from recap.pipeline.job import JobError, load_job
+    from recap.pipeline.runner import JobFailed, run_job
 
     try:
         job = load_job(args.job, args.set or [], output=args.output)
@@ -42,7 +41,7 @@ def cmd_run(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from pipeline.inspect import format_report, inspect_dataset
+    from recap.pipeline.inspect import format_report, inspect_dataset
 
     try:
         rep = inspect_dataset(args.dataset, samples=args.samples)
@@ -54,7 +53,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_world(args) -> int:
-    from world.generate import generate_world
+    from recap.world.generate import generate_world
 
     summary = generate_world(args.out, samples=args.samples, heldout=args.heldout, seed=args.seed, port=args.port,
                              min_size=args.min_size, max_size=args.max_size)
@@ -63,7 +62,7 @@ def cmd_world(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from world.server import run_server
+    from recap.world.server import run_server
 
     run_server(args.world, port=args.port)
     return EXIT_OK
@@ -101,11 +100,11 @@ def _demo_metadata(job_path: str) -> list[str]:
 
 
 def cmd_demo(args) -> int:
-    from pipeline.inspect import format_report, inspect_dataset
-    from pipeline.job import load_job
-    from pipeline.runner import JobFailed, run_job
-    from world.generate import generate_world
-    from world.server import serve
+    from recap.pipeline.inspect import format_report, inspect_dataset
+    from recap.pipeline.job import load_job
+    from recap.pipeline.runner import JobFailed, run_job
+    from recap.world.generate import generate_world
+    from recap.world.server import serve
 
     out = Path(args.out)
     world_dir = out / "world"
@@ -116,6 +115,9 @@ def cmd_demo(args) -> int:
         print(f"generating the demo world ({args.samples} samples) in {world_dir} ...", flush=True)
         generate_world(world_dir, samples=args.samples, heldout=args.heldout, seed=args.seed, port=port)
     overrides = [f"input.path={world_dir / 'urls.parquet'}", f"download.allow_hosts=[127.0.0.1:{port}]"]
+    from recap.jobs import DEMO_JOB
+
+    args.job = args.job or str(DEMO_JOB)
     overrides += _demo_metadata(args.job)
     job = load_job(args.job, [*overrides, *(args.set or [])], output=str(out / "dataset"))
     print(f"serving the demo world on http://127.0.0.1:{port}; running {args.job} -> {job.output}", flush=True)
@@ -131,19 +133,19 @@ def cmd_demo(args) -> int:
 
 
 def cmd_metadata(args) -> int:
-    from metadata.builder import metadata_cli
+    from recap.metadata.builder import metadata_cli
 
     return metadata_cli(args.rest)
 
 
 def cmd_train(args) -> int:
-    from trainer.launch import train_cli
+    from recap.trainer.launch import train_cli
 
     return train_cli(args.rest)
 
 
 def cmd_eval(args) -> int:
-    from trainer.eval import eval_cli
+    from recap.trainer.eval import eval_cli
 
     return eval_cli(args.rest)
 
@@ -184,7 +186,7 @@ def parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="generate + serve the demo world, run jobs/demo.yaml, inspect")
     d.add_argument("--out", default="demo-out")
-    d.add_argument("--job", default=str(DEMO_JOB))
+    d.add_argument("--job", default=None, help="default: the bundled demo job")
     d.add_argument("--samples", type=int, default=2000)
     d.add_argument("--heldout", type=int, default=200)
     d.add_argument("--seed", type=int, default=0)
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         return _PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:]))
     args = parser().parse_args(argv)
     if args.cmd == "world" and args.port is None:
-        from world.generate import DEFAULT_PORT
+        from recap.world.generate import DEFAULT_PORT
         args.port = DEFAULT_PORT
     return args.fn(args)
 
