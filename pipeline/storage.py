@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import uuid
 from dataclasses import dataclass
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from recap.pipeline.atomic import is_local, write_atomic
 
 TMP_DIR = ".tmp"
 
@@ -33,7 +33,7 @@ class Dataset:
     def __post_init__(self) -> None:
         self.fs, self.root = fsspec.core.url_to_fs(self.url)
         self.root = self.root.rstrip("/")
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self.local = is_local(self.fs)
 
     def __getstate__(self) -> dict:
         return {"url": self.url}
@@ -103,18 +103,7 @@ class Dataset:
 
     # -- writing --------------------------------------------------------------------------------
     def write_bytes(self, rel: str, data: bytes) -> None:
-        target = self.path(rel)
-        if not self.local:
-            self.fs.pipe_file(target, data)
-            return
-        tmp = self.path(f"{TMP_DIR}/{uuid.uuid4().hex}")
-        os.makedirs(os.path.dirname(tmp), exist_ok=True)
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
+        write_atomic(self.path(rel), data, fs=self.fs, tmp_dir=self.path(TMP_DIR) if self.local else None)
 
     def write_json(self, rel: str, obj) -> None:
         self.write_bytes(rel, json_bytes(obj))
