@@ -13,12 +13,15 @@ import json
 import math
 import sys
 from collections.abc import Iterator
+from typing import Literal
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recap.pipeline.job import InputSpec
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from recap.pipeline.stage import SourceStage
 from recap.pipeline.uid import make_uid, repeat_uid
 
 csv.field_size_limit(sys.maxsize)  # huge captions are real input, truncated later with a note
@@ -27,6 +30,42 @@ BASE_COLUMNS = ("uid", "key", "url", "caption", "dup_of", "input_note")
 
 class InputError(ValueError):
     """A malformed input file; the message names the file and the line or row."""
+
+
+class InputSpec(BaseModel):
+    """The job's ``input:`` for a URL list (``input.kind: urls``, the default)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["urls"] = "urls"
+    path: str = Field(..., description="URL list: txt, csv, tsv, json, jsonl or parquet (local path or fsspec URL)")
+    format: str = Field("auto", description="auto (from the extension), txt, csv, tsv, json, jsonl, parquet")
+    url_col: str = "url"
+    caption_col: str | None = "caption"
+    save_additional_columns: list[str] | None = Field(
+        None, description="extra columns to keep; None keeps every other column (img2dataset keeps only those named)")
+    max_caption_chars: int = Field(16384, ge=1, description="longer captions are truncated, with a ledger note")
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        allowed = {"auto", "txt", "csv", "tsv", "json", "jsonl", "parquet"}
+        if v not in allowed:
+            raise ValueError(f"must be one of {sorted(allowed)}")
+        return v
+
+
+class UrlListSource(SourceStage):
+    """A source that reads a URL list (``input.kind: urls``) cut every ``samples_per_shard`` rows
+    of its config. Its shards' rows: uid, key, url, caption, dup_of, input_note, extra columns."""
+
+    input_kind = "urls"
+    InputConfig = InputSpec
+
+    def input_fingerprint(self, spec: InputSpec) -> str:
+        return input_fingerprint(spec, self.config.samples_per_shard)
+
+    def plan(self, spec: InputSpec) -> Iterator[pa.Table]:
+        return plan_shards(spec, self.config.samples_per_shard)
 
 
 def detect_format(spec: InputSpec) -> str:
@@ -233,5 +272,5 @@ def input_fingerprint(spec: InputSpec, samples_per_shard: int) -> str:
     with fsspec.open(spec.path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    h.update(json.dumps({"spec": spec.model_dump(mode="json", exclude={"path"}), "sps": samples_per_shard}, sort_keys=True).encode())
+    h.update(json.dumps({"spec": spec.model_dump(mode="json", exclude={"path", "kind"}), "sps": samples_per_shard}, sort_keys=True).encode())
     return h.hexdigest()[:16]

@@ -6,34 +6,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from recap.pipeline.stage import StageConfig, UnknownStage, available_stages, get_stage_class
+from recap.pipeline.stage import (JobFilePath, SourceStage, StageConfig, UnknownStage, available_stages,
+                                  get_stage_class, source_stages)
 
-SOURCE_STAGE = "download"
+DEFAULT_INPUT_KIND = "urls"  # job files from before input.kind existed are URL lists
 
 
 class JobError(ValueError):
     """A bad job file or --set value. str() is the full, user-facing message."""
-
-
-class InputSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    path: str = Field(..., description="URL list: txt, csv, tsv, json, jsonl or parquet (local path or fsspec URL)")
-    format: str = Field("auto", description="auto (from the extension), txt, csv, tsv, json, jsonl, parquet")
-    url_col: str = "url"
-    caption_col: str | None = "caption"
-    save_additional_columns: list[str] | None = Field(
-        None, description="extra columns to keep; None keeps every other column (img2dataset keeps only those named)")
-    max_caption_chars: int = Field(16384, ge=1, description="longer captions are truncated, with a ledger note")
-
-    @field_validator("format")
-    @classmethod
-    def _known_format(cls, v: str) -> str:
-        allowed = {"auto", "txt", "csv", "tsv", "json", "jsonl", "parquet"}
-        if v not in allowed:
-            raise ValueError(f"must be one of {sorted(allowed)}")
-        return v
 
 
 class StageEntry(BaseModel):
@@ -42,24 +24,24 @@ class StageEntry(BaseModel):
 
 
 class JobSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+    # extra keys: the source stage's own section (`download:`), checked once the source is known
+    model_config = ConfigDict(extra="allow")
     name: str = "job"
     seed: int = 0
-    input: InputSpec
+    input: dict[str, Any]
     output: str
-    download: dict[str, Any] = Field(default_factory=dict)
     stages: list[Any] = Field(default_factory=list)
 
 
 class Job(BaseModel):
-    """The resolved job: every stage config validated by its own model."""
+    """The resolved job: the input and every stage config validated by its own model."""
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
     name: str
     seed: int
-    input: InputSpec
+    input: BaseModel  # the source stage's InputConfig
     output: str
-    stages: list[StageEntry]  # the source stage (download) first
+    stages: list[StageEntry]  # the source stage first
     source_file: str = "<job>"
 
     def resolved(self) -> dict:
@@ -151,34 +133,72 @@ def _stage_entry(item: Any, idx: int, source: str) -> tuple[str, dict]:
     raise JobError(f"{source}: stages[{idx}]: expected `name` or `{{name: {{settings}}}}` (got {item!r})")
 
 
-def build_job(data: Any, source: str = "<job>") -> Job:
+def resolve_job_paths(model: type[BaseModel], cfg: dict, base_dir: Path | None) -> dict:
+    """Relative values of the model's job-file paths (``LocalPath`` fields), looked up beside the
+    job file first, then in the working directory (where --set values and older job files point)."""
+    if base_dir is None:
+        return cfg
+    out = dict(cfg)
+    for name, field in model.model_fields.items():
+        value = out.get(name)
+        if not isinstance(value, str) or "://" in value or Path(value).is_absolute():
+            continue
+        if any(isinstance(m, JobFilePath) for m in field.metadata):
+            beside = base_dir / value
+            if beside.exists() or not Path(value).exists():
+                out[name] = str(beside)
+    return out
+
+
+def _source_for(spec: JobSpec, source: str) -> type[SourceStage]:
+    kind = spec.input.get("kind", DEFAULT_INPUT_KIND)
+    sources = source_stages()
+    if kind not in sources:
+        raise JobError(f"{source}: input.kind: unknown input kind {kind!r} (available: {', '.join(sorted(sources))})")
+    return sources[kind]
+
+
+def _validated(model: type[BaseModel], cfg: dict, source: str, path: str, base_dir: Path | None):
+    try:
+        return model.model_validate(resolve_job_paths(model, cfg, base_dir))
+    except ValidationError as e:
+        raise _errors(source, e, prefix=path) from None
+
+
+def build_job(data: Any, source: str = "<job>", base_dir: Path | None = None) -> Job:
+    """Validate a job given as plain data; ``base_dir`` is where its relative job-file paths live."""
     if not isinstance(data, dict):
         raise JobError(f"{source}: a job file is a YAML mapping (got {type(data).__name__})")
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as e:
         raise _errors(source, e) from None
-    entries: list[StageEntry] = []
-    seen: set[str] = set()
-    names = [(SOURCE_STAGE, spec.download, SOURCE_STAGE)]
+    src = _source_for(spec, source)
+    section = src.section()
+    for key in spec.model_extra or {}:
+        if key != section:
+            raise JobError(f"{source}: {key}: unknown key (got {data[key]!r})"[:300])
+    sec = data.get(section) or {}
+    if not isinstance(sec, dict):
+        raise JobError(f"{source}: {section}: expected a mapping of settings (got {sec!r})")
+    inp = _validated(src.InputConfig, spec.input, source, "input", base_dir)
+    entries: list[StageEntry] = [StageEntry(name=src.name, config=_validated(src.Config, sec, source, section, base_dir))]
+    seen: set[str] = {src.name}
     for i, item in enumerate(spec.stages):
         name, cfg = _stage_entry(item, i, source)
-        names.append((name, cfg, f"stages[{i}].{name}"))
-    for name, cfg, path in names:
+        path = f"stages[{i}].{name}"
         try:
             cls = get_stage_class(name)
         except UnknownStage:
             raise JobError(f"{source}: {path}: unknown stage {name!r} (available: {', '.join(available_stages())})") from None
-        if (cls.kind == "source") != (path == SOURCE_STAGE):
-            raise JobError(f"{source}: {path}: stage {name!r} of kind {cls.kind!r} cannot run here")
+        if cls.kind == "source":
+            raise JobError(f"{source}: {path}: stage {name!r} of kind 'source' cannot run here "
+                           f"(the input's kind chooses the source: input.kind)")
         if name in seen:
             raise JobError(f"{source}: {path}: stage {name!r} appears twice")
         seen.add(name)
-        try:
-            entries.append(StageEntry(name=name, config=cls.Config.model_validate(cfg)))
-        except ValidationError as e:
-            raise _errors(source, e, prefix=path) from None
-    return Job(name=spec.name, seed=spec.seed, input=spec.input, output=spec.output, stages=entries, source_file=source)
+        entries.append(StageEntry(name=name, config=_validated(cls.Config, cfg, source, path, base_dir)))
+    return Job(name=spec.name, seed=spec.seed, input=inp, output=spec.output, stages=entries, source_file=source)
 
 
 def load_job(path: str | Path, sets: list[str] = (), output: str | None = None) -> Job:
@@ -201,4 +221,4 @@ def load_job(path: str | Path, sets: list[str] = (), output: str | None = None) 
         apply_set(data, s, path)
     if output is not None:
         data["output"] = output
-    return build_job(data, path)
+    return build_job(data, path, base_dir=Path(path).resolve().parent)

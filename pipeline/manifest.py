@@ -7,7 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from recap.pipeline.storage import Dataset
 
-_PACKAGES = ("recap", "ray", "pyarrow", "img2dataset", "webdataset", "torch", "open_clip_torch", "pydantic")
+_PACKAGES = ("recap-curate", "ray", "pyarrow", "img2dataset", "webdataset", "torch", "open_clip_torch", "pydantic")
 
 
 def _versions() -> dict:

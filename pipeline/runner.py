@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI on import
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-from recap.pipeline.inputs import input_fingerprint, plan_shards
 from recap.pipeline.job import Job
 from recap.pipeline.manifest import write_manifest
 from recap.pipeline.progress import Progress
-from recap.pipeline.stage import StageContext, get_stage_class
+from recap.pipeline.stage import SourceStage, StageContext, get_stage_class
+from recap.pipeline.stage_data import output_rel, partial_rel, state_rel
 from recap.pipeline.steps import StepFailure, StepRunner, StepSpec, config_hash
 from recap.pipeline.storage import Dataset, json_bytes
 
@@ -43,8 +43,9 @@ class RunResult:
 def plan_input(ds: Dataset, job: Job) -> tuple[int, str]:
     """Cut the input into ``input/NNNNN.parquet`` once; reuse the cut while the input and the way
     it is read are unchanged. A changed input invalidates everything derived from it."""
-    sps = job.stages[0].config.samples_per_shard
-    fingerprint = input_fingerprint(job.input, sps)
+    entry = job.stages[0]
+    source: SourceStage = get_stage_class(entry.name)(entry.config, _context(job, ds, entry.name))
+    fingerprint = source.input_fingerprint(job.input)
     if ds.exists(PLAN):
         plan = ds.read_json(PLAN)
         if plan.get("fingerprint") == fingerprint:
@@ -53,24 +54,29 @@ def plan_input(ds: Dataset, job: Job) -> tuple[int, str]:
         for d in DERIVED:
             ds.remove(d)
     n = rows = 0
-    for n, table in enumerate(plan_shards(job.input, sps), start=1):
+    for n, table in enumerate(source.plan(job.input), start=1):
         ds.write_table(Dataset.input_rel(n - 1), table)
         rows += table.num_rows
-    ds.write_bytes(PLAN, json_bytes({"fingerprint": fingerprint, "shards": n, "rows": rows, "samples_per_shard": sps}))
+    ds.write_bytes(PLAN, json_bytes({"fingerprint": fingerprint, "shards": n, "rows": rows}))
     return n, fingerprint
 
 
-def build_steps(job: Job, ds: Dataset, fingerprint: str) -> list[StepSpec]:
+def _context(job: Job, ds: Dataset, stage: str) -> StageContext:
+    n_inputs = int(ds.read_json(PLAN).get("rows", 0)) if ds.exists(PLAN) else 0
+    return StageContext(job_name=job.name, seed=job.seed, stage=stage, dataset=ds.url, n_inputs=n_inputs)
+
+
+def build_steps(job: Job, ds: Dataset, fingerprint: str, verify: bool = False) -> list[StepSpec]:
     steps: list[StepSpec] = []
     prev_hash, previous = fingerprint, []
-    n_inputs = int(ds.read_json(PLAN).get("rows", 0)) if ds.exists(PLAN) else 0
+    source_cls = get_stage_class(job.stages[0].name)
     for entry in job.stages:
         cls = get_stage_class(entry.name)
         h = config_hash(prev_hash, entry.name, entry.config, cls)
-        ctx = StageContext(job_name=job.name, seed=job.seed, stage=entry.name, dataset=ds.url, n_inputs=n_inputs)
         phases = {"source": ["source"], "map": ["map"], "global": ["partial", "apply"]}[cls.kind]
         for phase in phases:
-            steps.append(StepSpec(ds, cls, entry.config, ctx, h, phase, list(previous)))
+            steps.append(StepSpec(ds, cls, entry.config, _context(job, ds, entry.name), h, phase, source_cls,
+                                  list(previous), verify))
         if cls.kind != "source":
             previous.append(entry.name)
         prev_hash = h
@@ -119,7 +125,20 @@ def _run_step(batch, spec: StepSpec):
         runner.close()
 
 
-def _stream(steps: list[StepSpec], n_shards: int, cpus_total: float) -> None:
+def _named_task(label: str):
+    """``_run_step`` under the step's name: Ray names each operator after its function or class
+    (``MapBatches(balance.apply)``), so its dashboard and stats read like the pipeline."""
+    def task(batch, spec: StepSpec):
+        return _run_step(batch, spec)
+    task.__name__ = task.__qualname__ = label
+    return task
+
+
+def _named_actor(label: str) -> type:
+    return type(label, (StepRunner,), {"__qualname__": label})
+
+
+def _stream(steps: list[StepSpec], n_shards: int, cpus_total: float, ds: Dataset | None = None) -> None:
     """One streaming run of consecutive map-like steps over all shards."""
     import ray
     import ray.data
@@ -138,14 +157,20 @@ def _stream(steps: list[StepSpec], n_shards: int, cpus_total: float) -> None:
         if spec.stage_cls.runs_as_actor():
             args["num_cpus"] = min(args["num_cpus"], actor_share)
             size = spec.config.concurrency or max(1, int(cpus_total // max(args["num_cpus"], 0.5)))
-            data = data.map_batches(StepRunner, batch_size=1, batch_format="pyarrow",
+            data = data.map_batches(_named_actor(spec.label), batch_size=1, batch_format="pyarrow",
                                     fn_constructor_kwargs={"spec": spec},
                                     compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size), **args)
         else:
             args["num_cpus"] = min(args["num_cpus"], task_cap)
-            data = data.map_batches(_run_step, batch_size=1, batch_format="pyarrow", fn_kwargs={"spec": spec}, **args)
+            data = data.map_batches(_named_task(spec.label), batch_size=1, batch_format="pyarrow",
+                                    fn_kwargs={"spec": spec}, **args)
     for _ in data.iter_batches(batch_size=None, batch_format="pyarrow"):
         pass
+    if ds is not None:  # Ray's own per-operator stats, for whoever tunes a run
+        try:
+            ds.write_bytes(f"logs/ray/{'+'.join(s.label for s in steps)}.txt", data.stats().encode())
+        except Exception as e:  # noqa: BLE001 - stats are a convenience, never a failure
+            log.debug("no Ray stats: %s", e)
 
 
 def _reduce(spec: StepSpec, n_shards: int) -> None:
@@ -153,7 +178,7 @@ def _reduce(spec: StepSpec, n_shards: int) -> None:
     import ray
 
     ds = spec.dataset
-    if ds.committed(f"{spec.name}.reduce", 0, spec.config_hash) is not None:
+    if ds.committed(f"{spec.name}.reduce", 0, spec.config_hash, verify=spec.verify) is not None:
         return
 
     def reduce_task(spec: StepSpec, n: int) -> None:
@@ -162,11 +187,11 @@ def _reduce(spec: StepSpec, n_shards: int) -> None:
         stage.setup()
         partials = []
         for shard in range(n):
-            partials.extend(json.loads(spec.dataset.read_bytes(f"stages/{spec.name}/partials/{shard:05d}.json")))
+            partials.extend(json.loads(spec.dataset.read_bytes(partial_rel(spec.name, shard))))
         state = stage.reduce(partials)
-        files = {f"stages/{spec.name}/{name}": data for name, data in sorted(stage.reduce_outputs(state).items())}
+        files = {output_rel(spec.name, name): data for name, data in sorted(stage.reduce_outputs(state).items())}
         stage.teardown()
-        files[f"stages/{spec.name}/state.json"] = json_bytes({"state": state})
+        files[state_rel(spec.name)] = json_bytes({"state": state})
         spec.dataset.commit(f"{spec.name}.reduce", 0, spec.config_hash, files, {"partials": len(partials)})
 
     ray.get(ray.remote(**_remote_args(spec))(reduce_task).remote(spec, n_shards))
@@ -182,14 +207,16 @@ def _failure_message(ds: Dataset, err: BaseException) -> str:
     return "\n".join(texts) or f"{type(err).__name__}: {err}"
 
 
-def run_job(job: Job, address: str | None = None, cpus: int | None = None, progress: bool = True) -> RunResult:
-    """Run (or resume) a job; returns when every (stage, shard) is committed."""
+def run_job(job: Job, address: str | None = None, cpus: int | None = None, progress: bool = True,
+            verify: bool = False) -> RunResult:
+    """Run (or resume) a job; returns when every (stage, shard) is committed. A rerun skips what is
+    committed by its markers and file sizes; ``verify`` re-hashes every committed file instead."""
     started = time.time()
     ds = Dataset(job.output)
     ds.clear_tmp()
     ds.remove("logs/failures")
     n_shards, fingerprint = plan_input(ds, job)
-    steps = build_steps(job, ds, fingerprint)
+    steps = build_steps(job, ds, fingerprint, verify)
     write_manifest(ds, job, steps, n_shards, status="running", seconds=0.0)
 
     import ray
@@ -204,10 +231,10 @@ def run_job(job: Job, address: str | None = None, cpus: int | None = None, progr
         for spec in steps:
             segment.append(spec)
             if spec.phase == "partial":
-                _stream(segment, n_shards, cpus_total)
+                _stream(segment, n_shards, cpus_total, ds)
                 _reduce(spec, n_shards)
                 segment = []
-        _stream(segment, n_shards, cpus_total)
+        _stream(segment, n_shards, cpus_total, ds)
     except Exception as e:  # Ray wraps the step's exception; the step wrote what failed where
         monitor.stop()
         msg = _failure_message(ds, e)

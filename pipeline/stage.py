@@ -1,33 +1,44 @@
-"""The Stage contract: what a stage declares and the hooks the runner calls.
+"""The Stage API: three small bases by kind, and the registry that finds stages by name.
 
-A stage module holds a pydantic config model and a Stage subclass, nothing else. Stages are
-found through the ``recap.stages`` entry-point group, so the engine never imports one by name.
+* ``SourceStage`` cuts the job's input into shards and turns each input shard into samples: one
+  output row per input row, the image bytes in ``jpg`` (the engine writes the tar and the index).
+* ``MapStage`` sees each shard on its own, streaming: ``process(batch) -> batch``.
+* ``GlobalStage`` needs the whole dataset first: ``partial`` per shard, one ``reduce``, then
+  ``apply`` per shard with the reduced state.
 
-Output contract of ``process`` (and of ``apply`` for global stages): exactly one row per input
-row, with ``uid``, the declared ``writes`` columns, and optionally
-
-* ``_drop``   (string) — reason the sample leaves the pipeline; null when it is kept;
-* ``_detail`` (string) — free text for the ledger (error message, score, ...);
-* ``_note``   (string) — reason for a ``note`` ledger row on a kept sample (lost something).
-
-The runner checks that contract, writes kept rows to the sidecar and drops/notes to the ledger,
-so every sample is accounted for at every stage.
+Every stage declares a pydantic config, the columns it reads and writes (methods: they may depend
+on the config), resources, and optionally ``setup``/``teardown`` (once per worker: load models
+there, never on the driver). Output rows carry their verdicts (``pipeline.verdicts``): the engine
+writes kept rows to the stage's sidecar and drops and notes to the ledger, so every sample is
+accounted for at every stage. Stages are found through the ``recap.stages`` entry-point group, so
+the engine never imports one by name.
 """
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-DROP = "_drop"
-DETAIL = "_detail"
-NOTE = "_note"
-CONTROL_COLUMNS = (DROP, DETAIL, NOTE)
-IMAGE_COLUMN = "jpg"  # reading it makes the runner load image bytes from the shard tar
+from recap.pipeline.verdicts import CONTROL_COLUMNS, DETAIL, DROP, NOTE  # noqa: F401 - re-exported for stages
+
+if TYPE_CHECKING:
+    from recap.pipeline.stage_data import StageData
+
+IMAGE_COLUMN = "jpg"  # reading it makes the engine load image bytes from the shard tar
+
+
+class JobFilePath:
+    """Marks a config field as a path to a local file that belongs with the job (metadata lists,
+    prompts): a relative value is looked up beside the job file first, then in the working
+    directory, so a job runs from any directory."""
+
+
+LocalPath = Annotated[str, JobFilePath()]
 
 
 class Resources(BaseModel):
@@ -58,13 +69,11 @@ class StageContext:
 
 
 class Stage:
+    """What every kind shares. Subclass one of the kinds below, not this."""
+
     name: ClassVar[str] = ""
     Config: ClassVar[type[StageConfig]] = StageConfig
-    kind: ClassVar[Literal["source", "map", "global"]] = "map"
-    reads: ClassVar[tuple[str, ...]] = ()
-    writes: ClassVar[tuple[str, ...]] = ()
-    # Global stages: per-row columns partial() computes and apply() receives back (see partial).
-    carry: ClassVar[tuple[str, ...]] = ()
+    kind: ClassVar[Literal["source", "map", "global"]]
     default_batch_size: ClassVar[int] = 1024
     default_resources: ClassVar[Resources] = Resources()
     # Run as an actor pool that keeps setup()'s work (a model) across shards? None = yes iff the
@@ -80,36 +89,70 @@ class Stage:
         self.ctx = context
 
     # -- declarations -------------------------------------------------------------------------
+    def reads(self) -> tuple[str, ...]:
+        """Columns of earlier stages this one needs (``jpg`` loads the image bytes); () = all."""
+        return ()
+
+    def writes(self) -> tuple[str, ...]:
+        """Columns this stage adds to its sidecar."""
+        return ()
+
     @property
     def resources(self) -> Resources:
         return self.config.resources or self.default_resources
-
-    @classmethod
-    def runs_as_actor(cls) -> bool:
-        return cls.stateful if cls.stateful is not None else cls.setup is not Stage.setup
 
     @property
     def batch_size(self) -> int:
         return self.config.batch_size or self.default_batch_size
 
+    @classmethod
+    def runs_as_actor(cls) -> bool:
+        return cls.stateful if cls.stateful is not None else cls.setup is not Stage.setup
+
     # -- hooks --------------------------------------------------------------------------------
     def setup(self) -> None:
         """Once per worker, before the first batch: load models here, never on the driver."""
 
-    def process(self, batch: pa.Table) -> pa.Table:  # map and source stages
-        raise NotImplementedError
-
     def teardown(self) -> None:
         """Once per worker, after the last batch."""
 
-    # global stages: per-shard partials -> reduce -> per-shard apply
+    # -- recap inspect ------------------------------------------------------------------------
+    @classmethod
+    def summarize(cls, data: StageData) -> dict | None:
+        """The stage's own view of its effect for `recap inspect --json` (None: nothing to add)."""
+        return None
+
+    @classmethod
+    def summary_lines(cls, summary: dict) -> list[str]:
+        """``summarize``'s result as lines of `recap inspect`'s text report."""
+        return [f"  {cls.name}: {summary}"[:400]]
+
+
+class MapStage(Stage):
+    """Per shard, streaming: one output row per input row, same uids in the same order."""
+
+    kind = "map"
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        raise NotImplementedError
+
+
+class GlobalStage(Stage):
+    """Per-shard partials -> one reduce -> per-shard apply."""
+
+    kind = "global"
+    default_batch_size = 1 << 20  # apply sees whole shards unless the config says otherwise
+
+    def carry(self) -> tuple[str, ...]:
+        """Per-row columns ``partial`` computes and ``apply`` gets back (see ``partial``)."""
+        return ()
+
     def partial(self, batch: pa.Table) -> Any:
         """A JSON-serialisable summary of one whole shard (called once per shard).
 
-        It may instead return ``(summary, rows)`` where ``rows`` is a table with ``uid`` and the
-        per-row columns the stage declares in ``carry``: the engine commits them with the partial
-        and hands them to ``apply`` as extra columns, so costly per-row work (balancing's
-        sub-string matching) runs once, not in both passes."""
+        With ``carry``, it returns ``(summary, rows)``, ``rows`` a table with ``uid`` and the carried
+        columns: the engine commits them with the partial and hands them to ``apply`` as extra
+        columns, so costly per-row work (balancing's matching) runs once, not in both passes."""
         raise NotImplementedError
 
     def reduce(self, partials: list[Any]) -> Any:
@@ -117,23 +160,61 @@ class Stage:
         with the stage's resources, after setup()."""
         raise NotImplementedError
 
+    def reduce_outputs(self, state: Any) -> dict[str, bytes]:
+        """Extra files (name -> bytes) committed beside the reduced state, for users and tools
+        (balancing's ``entry_counts.json``)."""
+        return {}
+
     def apply(self, batch: pa.Table, state: Any) -> pa.Table:
-        """Like process, with the reduced state."""
+        """Like ``MapStage.process``, with the reduced state."""
         raise NotImplementedError
 
-    def reduce_outputs(self, state: Any) -> dict[str, bytes]:
-        """Extra files (name -> bytes) committed beside ``stages/<stage>/state.json`` with the
-        reduced state, for users and tools (balancing's ``entry_counts.json``)."""
-        return {}
+
+class SourceStage(Stage):
+    """Turns the job's input into samples. It declares its own job-file section (``section``), the
+    input kind it reads (``input.kind``) and that input's config model, how the input is cut into
+    shards, which tar member holds the image, and which rows of its index count as kept."""
+
+    kind = "source"
+    input_kind: ClassVar[str] = ""
+    InputConfig: ClassVar[type[BaseModel]] = BaseModel
+    # columns of the output that name each sample's tar members and fill its .txt member
+    key_column: ClassVar[str] = "key"
+    text_column: ClassVar[str] = "caption"
 
     @classmethod
-    def summarize(cls, dataset: Any, n_shards: int) -> dict | None:
-        """Extra lines for `recap inspect` (e.g. balancing's head/tail effect); None for none."""
-        return None
+    def section(cls) -> str:
+        """The top-level job-file key that holds this stage's config."""
+        return cls.name
 
-    # source stages write shards; they may add img2dataset-style per-shard stats
+    def input_fingerprint(self, spec: BaseModel) -> str:
+        """Changes iff the input or the way it is cut changes (then the dataset is rebuilt)."""
+        raise NotImplementedError
+
+    def plan(self, spec: BaseModel) -> Iterator[pa.Table]:
+        """The input cut into shards, on the driver: tables with at least ``uid``, in order."""
+        raise NotImplementedError
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        """One output row per input row: ``uid``, the key and text columns, ``jpg`` (bytes, null
+        for a dropped row), index columns, and verdicts."""
+        raise NotImplementedError
+
+    def image_member(self) -> str:
+        """The extension of the image member in the tar (``jpg``, ``png``, ``webp``)."""
+        return "jpg"
+
+    @classmethod
+    def kept(cls, index: pa.Table) -> pa.Array:
+        """Which rows of a committed index are samples that stay (a boolean mask)."""
+        raise NotImplementedError
+
     def shard_stats(self, out: pa.Table, duration: float) -> dict:
+        """Optional per-shard stats file beside the shard (img2dataset's ``_stats.json``)."""
         return {}
+
+
+KINDS: dict[str, type[Stage]] = {"source": SourceStage, "map": MapStage, "global": GlobalStage}
 
 
 class UnknownStage(KeyError):
@@ -165,6 +246,19 @@ def get_stage_class(name: str) -> type[Stage]:
     if ep is None:
         raise UnknownStage(name)
     cls = ep.load()
-    if not (isinstance(cls, type) and issubclass(cls, Stage)):
-        raise TypeError(f"entry point recap.stages:{name} -> {cls!r} is not a Stage subclass")
+    if not (isinstance(cls, type) and any(issubclass(cls, k) for k in KINDS.values())):
+        raise TypeError(f"entry point recap.stages:{name} -> {cls!r} is not a SourceStage, MapStage or GlobalStage")
     return cls
+
+
+def source_stages() -> dict[str, type[SourceStage]]:
+    """input kind -> the source stage that reads it."""
+    out = {}
+    for name in available_stages():
+        try:
+            cls = get_stage_class(name)
+        except (ImportError, TypeError):
+            continue
+        if issubclass(cls, SourceStage):
+            out[cls.input_kind] = cls
+    return out

@@ -15,11 +15,15 @@ import pyarrow.compute as pc
 
 from recap.pipeline.ledger import ledger_table
 from recap.pipeline.shards import read_tar, sample_json, write_tar
-from recap.pipeline.stage import CONTROL_COLUMNS, DETAIL, DROP, IMAGE_COLUMN, NOTE, Stage, StageConfig, StageContext
+from recap.pipeline.stage import IMAGE_COLUMN, GlobalStage, SourceStage, Stage, StageConfig, StageContext
+from recap.pipeline.stage_data import StageData, carry_rel, partial_rel
 from recap.pipeline.storage import Dataset, json_bytes, shard_name, table_bytes
+from recap.pipeline.verdicts import CONTROL_COLUMNS, DETAIL, DROP, NOTE, control
 
 HASH_META = b"recap.config_hash"
+# what a later stage needs to find a sample's image in the shard tar, whichever source wrote it
 IMAGE_EXT_META = b"recap.image_ext"
+KEY_COLUMN_META = b"recap.key_column"
 # Columns of the source stage that stay out of the per-sample json (bytes) or are its own keys.
 _NOT_IN_SAMPLE_JSON = {IMAGE_COLUMN}
 
@@ -48,7 +52,14 @@ class StepSpec:
     context: StageContext
     config_hash: str
     phase: str  # source | map | partial | apply
+    source_cls: type[SourceStage]  # says which rows of the shard index are kept
     previous: list[str] = field(default_factory=list)  # sidecar stages before this one, in order
+    verify: bool = False  # resume: re-hash committed files instead of checking their sizes
+
+    @property
+    def label(self) -> str:
+        """The step as Ray's operators and the progress lines name it: ``balance.apply``."""
+        return f"{self.name}.{self.phase}" if self.stage_cls.kind == "global" else self.name
 
     @property
     def name(self) -> str:
@@ -69,11 +80,12 @@ def _take_by_uid(base_uids: pa.Array, table: pa.Table) -> pa.Table:
     return table.take(idx)
 
 
-def load_input(ds: Dataset, shard: int, previous: list[str], reads: tuple[str, ...]) -> pa.Table:
+def load_input(ds: Dataset, shard: int, source: type[SourceStage], previous: list[str],
+               reads: tuple[str, ...]) -> pa.Table:
     """The samples still in the pipeline after ``previous``, with the columns ``reads`` names
     (all columns when it is empty), in shard order."""
     base = ds.read_table(Dataset.index_rel(shard))
-    base = base.filter(pc.equal(base.column("status"), "success"))
+    base = base.filter(source.kept(base))
     sidecars = [ds.read_table(Dataset.sidecar_rel(p, shard)) for p in previous]
     if sidecars:
         base = _take_by_uid(sidecars[-1].column("uid"), base)  # the last stage's kept set, in shard order
@@ -102,11 +114,12 @@ def load_input(ds: Dataset, shard: int, previous: list[str], reads: tuple[str, .
 def _images(ds: Dataset, shard: int, table: pa.Table) -> pa.Array:
     meta = ds.read_schema(Dataset.index_rel(shard)).metadata or {}
     ext = meta.get(IMAGE_EXT_META, b"jpg").decode()
+    key = meta.get(KEY_COLUMN_META, b"key").decode()
     members = read_tar(ds.read_bytes(Dataset.tar_rel(shard)))
-    keys = table.column("key").to_pylist() if "key" in table.column_names else None
+    keys = table.column(key).to_pylist() if key in table.column_names else None
     if keys is None:
-        index = ds.read_table(Dataset.index_rel(shard), columns=["uid", "key"])
-        keys = _take_by_uid(table.column("uid"), index).column("key").to_pylist()
+        index = ds.read_table(Dataset.index_rel(shard), columns=["uid", key])
+        keys = _take_by_uid(table.column("uid"), index).column(key).to_pylist()
     return pa.array([members.get(k, {}).get(ext) for k in keys], pa.binary())
 
 
@@ -115,12 +128,6 @@ def _images(ds: Dataset, shard: int, table: pa.Table) -> pa.Array:
 def _batches(table: pa.Table, size: int):
     for start in range(0, max(table.num_rows, 1), size):
         yield table.slice(start, size)
-
-
-def _control(out: pa.Table, name: str) -> pa.Array:
-    if name not in out.column_names:
-        return pa.nulls(out.num_rows, pa.string())
-    return out.column(name).combine_chunks().cast(pa.string())
 
 
 def check_output(stage: Stage, inp: pa.Table, out: Any) -> pa.Table:
@@ -132,37 +139,34 @@ def check_output(stage: Stage, inp: pa.Table, out: Any) -> pa.Table:
     if out.num_rows != inp.num_rows or not out.column("uid").equals(inp.column("uid")):
         raise ContractError(f"{who}: output must have one row per input row, same uids in the same order "
                             f"(got {out.num_rows} rows for {inp.num_rows})")
-    missing = [c for c in stage.writes if c not in out.column_names]
+    missing = [c for c in stage.writes() if c not in out.column_names]
     if missing:
         raise ContractError(f"{who}: output lacks declared columns {missing}")
     return out
 
 
-def carry_rel(stage_name: str, shard: int) -> str:
-    return f"stages/{stage_name}/carry/{shard_name(shard)}.parquet"
-
-
-def split_partial(stage: Stage, table: pa.Table, result: Any) -> tuple[Any, pa.Table | None]:
+def split_partial(stage: GlobalStage, table: pa.Table, result: Any) -> tuple[Any, pa.Table | None]:
     """A partial's (summary, carried rows); the rows checked against the stage's ``carry``."""
-    if not stage.carry:
+    carry = stage.carry()
+    if not carry:
         return result, None
     who = f"stage {stage.ctx.stage!r}"
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], pa.Table)):
-        raise ContractError(f"{who}: declares carry {list(stage.carry)}, so partial() must return (summary, rows)")
+        raise ContractError(f"{who}: declares carry {list(carry)}, so partial() must return (summary, rows)")
     rows = result[1]
     if rows.num_rows != table.num_rows or "uid" not in rows.column_names \
             or not rows.column("uid").equals(table.column("uid")):
         raise ContractError(f"{who}: partial()'s rows must have one row per input row, same uids in the same order")
-    missing = [c for c in stage.carry if c not in rows.column_names]
+    missing = [c for c in carry if c not in rows.column_names]
     if missing:
         raise ContractError(f"{who}: partial()'s rows lack carried columns {missing}")
-    return result[0], rows.select(["uid", *stage.carry])
+    return result[0], rows.select(["uid", *carry])
 
 
-def with_carry(stage: Stage, table: pa.Table, carried: pa.Table) -> pa.Table:
+def with_carry(stage: GlobalStage, table: pa.Table, carried: pa.Table) -> pa.Table:
     """The apply input plus the columns the partial carried, matched by uid."""
     taken = _take_by_uid(table.column("uid"), carried)
-    for name in stage.carry:
+    for name in stage.carry():
         table = table.append_column(name, taken.column(name))
     return table
 
@@ -184,7 +188,7 @@ def run_stage(stage: Stage, table: pa.Table, phase: str, state: Any = None) -> t
 
 def _split(out: pa.Table, stage_name: str) -> tuple[pa.Array, pa.Table, dict]:
     """(kept mask, ledger rows, counts) from the control columns."""
-    drop, detail, note = (_control(out, c) for c in (DROP, DETAIL, NOTE))
+    drop, detail, note = (control(out, c) for c in (DROP, DETAIL, NOTE))
     kept = pc.is_null(drop)
     ledger = ledger_table(out.column("uid"), stage_name, drop, detail, note)
     dropped = Counter(r for r in drop.to_pylist() if r is not None)
@@ -214,7 +218,7 @@ class StepRunner:
             stage = self.spec.stage_cls(self.spec.config, self.spec.context)
             stage.setup()  # if it raises, the next shard tries again rather than using a half-set-up stage
             if self.spec.phase == "apply":
-                self.state = self.spec.dataset.read_json(f"stages/{self.spec.name}/state.json")["state"]
+                self.state = StageData(self.spec.dataset, self.spec.name, 0).state()
             self.stage = stage
         return self.stage
 
@@ -236,7 +240,7 @@ class StepRunner:
 
     def run_shard(self, shard: int) -> dict:
         spec, ds = self.spec, self.spec.dataset
-        marker = ds.committed(spec.step, shard, spec.config_hash)
+        marker = ds.committed(spec.step, shard, spec.config_hash, verify=spec.verify)
         if marker is not None:
             return marker["counts"]
         started = time.time()
@@ -259,17 +263,17 @@ class StepRunner:
         stage = self._ensure_stage()
         if spec.phase == "source":
             return self._run_source(stage, shard)
-        table = load_input(ds, shard, spec.previous, stage.reads)
+        table = load_input(ds, shard, spec.source_cls, spec.previous, stage.reads())
         if spec.phase == "partial":
             _, partials = run_stage(stage, table, "partial")
-            files = {carry_rel(spec.name, shard): table_bytes(partials.pop())} if stage.carry else {}
-            files[f"stages/{spec.name}/partials/{shard_name(shard)}.json"] = json_bytes(partials)
+            files = {carry_rel(spec.name, shard): table_bytes(partials.pop())} if stage.carry() else {}
+            files[partial_rel(spec.name, shard)] = json_bytes(partials)
             return ds.commit(spec.step, shard, spec.config_hash, files, {"in": table.num_rows})["counts"]
-        if spec.phase == "apply" and stage.carry:
+        if spec.phase == "apply" and stage.carry():
             table = with_carry(stage, table, ds.read_table(carry_rel(spec.name, shard)))
         out, _ = run_stage(stage, table, spec.phase, self.state)
         kept, ledger, counts = _split(out, spec.name)
-        side = out.filter(kept).select(["uid"] + list(stage.writes))
+        side = out.filter(kept).select(["uid"] + list(stage.writes()))
         files = {
             Dataset.ledger_rel(spec.name, shard): table_bytes(ledger),
             Dataset.sidecar_rel(spec.name, shard): table_bytes(_with_hash(side, spec.config_hash)),
@@ -283,19 +287,19 @@ class StepRunner:
         out, _ = run_stage(stage, table, "map")
         duration = time.time() - started
         kept, ledger, counts = _split(out, spec.name)
-        status_ok = pc.equal(out.column("status"), "success") if "status" in out.column_names else None
-        if status_ok is None or not pc.all(pc.equal(status_ok, kept)).as_py():
-            raise ContractError(f"stage {spec.name!r}: `status` must be 'success' exactly for the kept rows")
-        image_ext = getattr(stage, "image_ext", "jpg")
+        if not pc.all(pc.equal(stage.kept(out), kept)).as_py() and out.num_rows:
+            raise ContractError(f"stage {spec.name!r}: kept() must be true exactly for the rows without a drop reason")
+        image_ext, key, text = stage.image_member(), stage.key_column, stage.text_column
         meta_cols = [c for c in out.column_names if c not in CONTROL_COLUMNS and c not in _NOT_IN_SAMPLE_JSON]
         ok = out.filter(kept)
         rows = ok.select(meta_cols).to_pylist()
         images = ok.column(IMAGE_COLUMN).to_pylist()
         tar = write_tar(
-            (r["key"], {image_ext: img, "txt": (r.get("caption") or "").encode("utf-8"), "json": sample_json(r)})
+            (r[key], {image_ext: img, "txt": (r.get(text) or "").encode("utf-8"), "json": sample_json(r)})
             for r, img in zip(rows, images)
         )
-        index = _with_hash(out.select(meta_cols), spec.config_hash, {IMAGE_EXT_META: image_ext.encode()})
+        index = _with_hash(out.select(meta_cols), spec.config_hash,
+                           {IMAGE_EXT_META: image_ext.encode(), KEY_COLUMN_META: key.encode()})
         stats = {"shard": shard_name(shard), **stage.shard_stats(out, duration)}
         ds.write_json(Dataset.stats_rel(shard), stats)  # not part of the commit: timings vary run to run
         files = {

@@ -29,7 +29,7 @@ def cmd_run(args) -> int:
         _err(f"bad job file\n{e}")
         return EXIT_BAD_JOB
     try:
-        result = run_job(job, address=args.address, cpus=args.cpus, progress=not args.quiet)
+        result = run_job(job, address=args.address, cpus=args.cpus, progress=not args.quiet, verify=args.verify)
     except InputError as e:
         _err(f"bad input: {e}")
         return EXIT_FAILED
@@ -44,7 +44,7 @@ def cmd_inspect(args) -> int:
     from recap.pipeline.inspect import format_report, inspect_dataset
 
     try:
-        rep = inspect_dataset(args.dataset, samples=args.samples)
+        rep = inspect_dataset(args.dataset, samples=args.samples, verify=args.verify)
     except FileNotFoundError as e:
         _err(str(e))
         return EXIT_FAILED
@@ -83,22 +83,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _demo_metadata(job_path: str) -> list[str]:
-    """Point a job's relative balance metadata at the file beside the job (jobs/demo-metadata.json),
-    so `recap demo` runs from any directory."""
-    import yaml
-
-    stages = (yaml.safe_load(Path(job_path).read_text()) or {}).get("stages") or []
-    out = []
-    for i, s in enumerate(stages):
-        meta = ((s or {}).get("balance") or {}).get("metadata") if isinstance(s, dict) else None
-        if isinstance(meta, str) and "://" not in meta and not Path(meta).is_absolute() and not Path(meta).exists():
-            beside = Path(job_path).resolve().parent / Path(meta).name
-            if beside.exists():
-                out.append(f"stages.{i}.balance.metadata={beside}")
-    return out
-
-
 def cmd_demo(args) -> int:
     from recap.pipeline.inspect import format_report, inspect_dataset
     from recap.pipeline.job import load_job
@@ -118,7 +102,6 @@ def cmd_demo(args) -> int:
     from recap.jobs import DEMO_JOB
 
     args.job = args.job or str(DEMO_JOB)
-    overrides += _demo_metadata(args.job)
     job = load_job(args.job, [*overrides, *(args.set or [])], output=str(out / "dataset"))
     print(f"serving the demo world on http://127.0.0.1:{port}; running {args.job} -> {job.output}", flush=True)
     with serve(world_dir, port=port):
@@ -161,12 +144,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--address", help="join this Ray cluster instead of starting a local one")
     r.add_argument("--cpus", type=int, help="CPUs for the local Ray (default: all)")
     r.add_argument("--quiet", action="store_true", help="no progress lines")
+    r.add_argument("--verify", action="store_true",
+                   help="resume: re-hash every committed file instead of trusting markers and sizes")
     r.set_defaults(fn=cmd_run)
 
     i = sub.add_parser("inspect", help="counts, drops by reason, and the invariant check")
     i.add_argument("dataset")
     i.add_argument("--json", action="store_true")
     i.add_argument("--samples", type=int, default=0, metavar="K", help="show K example drops per reason")
+    i.add_argument("--verify", action="store_true", help="also re-hash every committed file against its marker")
     i.set_defaults(fn=cmd_inspect)
 
     w = sub.add_parser("world", help="generate the demo web")

@@ -18,12 +18,13 @@ import pyarrow.compute as pc
 from pydantic import Field, field_validator, model_validator
 
 from recap.pipeline import rng
-from recap.pipeline.stage import DETAIL, DROP, Stage, StageConfig
-from recap.pipeline.steps import carry_rel
+from recap.pipeline.stage import GlobalStage, LocalPath, StageConfig
+from recap.pipeline.stage_data import StageData
+from recap.pipeline.verdicts import verdicts
 
 
 class BalanceConfig(StageConfig):
-    metadata: str = Field(..., description="MetaCLIP metadata.json (a JSON list of entries; local path or fsspec URL)")
+    metadata: LocalPath = Field(..., description="MetaCLIP metadata.json (a JSON list of entries; local path or fsspec URL)")
     mode: Literal["metaclip1", "metaclip2"] = "metaclip1"
     t: float | None = Field(None, gt=0, description="MetaCLIP's threshold (20k for 400M of 1.6B)")
     target_size: int | None = Field(None, gt=0, description="solve t so that about this many samples are kept")
@@ -88,19 +89,20 @@ def _total(state: dict) -> np.ndarray:
 TOP_NAMES = 100  # entries whose names the state keeps for `recap inspect` (the whole list is metadata.json)
 
 
-class BalanceStage(Stage):
+class BalanceStage(GlobalStage):
     name = "balance"
     Config = BalanceConfig
-    kind = "global"
-    writes = ("matched_entries", "balance_prob")
-    carry = ("matched_entries",)  # matched once, in the partial pass; apply gets the column back
-    default_batch_size = 1 << 20  # a global stage sees whole shards
     version = "2"  # sparse counts as (ids, n) lists; matches carried from partial to apply
 
-    @property
-    def reads(self) -> tuple[str, ...]:  # type: ignore[override]
+    def reads(self) -> tuple[str, ...]:
         cfg: BalanceConfig = self.config
         return (cfg.text_column, cfg.language_column) if cfg.per_language else (cfg.text_column,)
+
+    def writes(self) -> tuple[str, ...]:
+        return ("matched_entries", "balance_prob")
+
+    def carry(self) -> tuple[str, ...]:
+        return ("matched_entries",)  # matched once, in the partial pass; apply gets the column back
 
     def setup(self) -> None:
         from recap.metadata import Matcher, load_entries
@@ -219,28 +221,27 @@ class BalanceStage(Stage):
         drops = np.where(has_match, "balanced_out", "no_metadata_match").astype(object)
         drops[kept] = None
         details = [None if d != "balanced_out" else f"P={p:.4g} u={x:.4g}" for d, p, x in zip(drops, probs, u)]
-        return pa.table({"uid": batch.column("uid"), "matched_entries": matches.cast(pa.list_(pa.int32())),
-                         "balance_prob": pa.array(probs, pa.float64()),
-                         DROP: pa.array(drops.tolist(), pa.string()), DETAIL: pa.array(details, pa.string())})
+        return verdicts(batch.column("uid"), {"matched_entries": matches.cast(pa.list_(pa.int32())),
+                                              "balance_prob": pa.array(probs, pa.float64())},
+                        drop=drops.tolist(), detail=details)
 
     # -- recap inspect --------------------------------------------------------------------------
     @classmethod
-    def summarize(cls, dataset, n_shards: int) -> dict | None:
-        from recap.pipeline.storage import Dataset
-
-        if not dataset.exists("stages/balance/state.json"):
+    def summarize(cls, data: StageData) -> dict | None:
+        if not data.has_state():
             return None
-        state = dataset.read_json("stages/balance/state.json")["state"]
+        state = data.state()
         n, t = int(state["n_entries"]), float(state["t"])
         before = _total(state)
         tail = (before > 0) & (before < t)
         after = np.zeros(n, np.int64)
         samples = {"before": [0, 0], "after": [0, 0]}  # [samples with a match, of which with a tail entry]
-        for shard in range(n_shards):
-            for when, rel in (("before", carry_rel("balance", shard)), ("after", Dataset.sidecar_rel("balance", shard))):
-                if not dataset.exists(rel):
+        for shard in range(data.n_shards):
+            for when, table in (("before", data.carried(shard, ["matched_entries"])),
+                                ("after", data.kept(shard, ["matched_entries"]))):
+                if table is None:
                     continue
-                m = dataset.read_table(rel, columns=["matched_entries"]).column("matched_entries").combine_chunks()
+                m = table.column("matched_entries").combine_chunks()
                 matched, in_tail = _tail_samples(m, tail)
                 samples[when][0] += matched
                 samples[when][1] += in_tail
@@ -253,6 +254,22 @@ class BalanceStage(Stage):
             # MetaCLIP's point: a tail concept's samples all stay, so their share grows
             out[when]["samples_in_tail"] = round(in_tail / matched, 4) if matched else 0.0
         return out
+
+    @classmethod
+    def summary_lines(cls, summary: dict) -> list[str]:
+        b, a = summary["before"], summary["after"]
+        lines = [f"  {cls.name}: entry counts before -> after (t = {summary['t']:g})"]
+        for key in ("matches", "entries_matched", "max_count", "head_share", "tail_share", "flatness",
+                    "samples_matched", "samples_in_tail"):
+            if key in b and key in a:
+                lines.append(f"      {key:<16} {b[key]!s:>10} -> {a[key]!s:<10}")
+        buckets = sorted(set(b["count_histogram"]) | set(a["count_histogram"]),
+                         key=lambda k: int(k.split("-")[0].rstrip("+")))
+        lines.append("      entries by count: " + "  ".join(
+            f"{k}: {b['count_histogram'].get(k, 0)}->{a['count_histogram'].get(k, 0)}" for k in buckets))
+        lines.append("      top entries: " + ", ".join(
+            f"{e['entry']!r} {e['before']}->{e['after']}" for e in summary["top_entries"]))
+        return lines
 
 
 def _tail_samples(matches: pa.ListArray, tail: np.ndarray) -> tuple[int, int]:

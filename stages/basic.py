@@ -9,7 +9,8 @@ from typing import ClassVar
 import pyarrow as pa
 from pydantic import Field
 
-from recap.pipeline.stage import DETAIL, DROP, Stage, StageConfig
+from recap.pipeline.stage import MapStage, StageConfig
+from recap.pipeline.verdicts import verdicts
 
 _FILENAME = re.compile(r"^\s*(?:IMG|DSC|DSCN|DCIM|PXL|MVIMG|Screenshot|image|photo|pic)?[\s_\-]*\d{2,}[\w\-]*(?:\.(?:jpe?g|png|gif|webp|heic|tiff?))?\s*$"
                        r"|^\s*[\w\-]+\.(?:jpe?g|png|gif|webp|heic|tiff?)\s*$", re.IGNORECASE)
@@ -24,13 +25,16 @@ class BasicConfig(StageConfig):
     min_language_score: float = Field(0.0, ge=0, le=1, description="with `languages`: minimum langid probability")
 
 
-class BasicStage(Stage):
+class BasicStage(MapStage):
     name = "basic"
     Config = BasicConfig
-    kind = "map"
-    reads = ("caption", "original_width", "original_height")
-    writes = ("lang", "lang_score", "caption_words")
     default_batch_size = 4096
+
+    def reads(self) -> tuple[str, ...]:
+        return ("caption", "original_width", "original_height")
+
+    def writes(self) -> tuple[str, ...]:
+        return ("lang", "lang_score", "caption_words")
 
     def setup(self) -> None:
         from py3langid import langid
@@ -53,14 +57,11 @@ class BasicStage(Stage):
             reason, detail = self._verdict(cap, n_words, lang, float(score), w or 0, h or 0)
             drops.append(reason)
             details.append(detail)
-        return pa.table({
-            "uid": batch.column("uid"),
+        return verdicts(batch.column("uid"), {
             "lang": pa.array(langs, pa.string()),
             "lang_score": pa.array(scores, pa.float32()),
             "caption_words": pa.array(words, pa.int32()),
-            DROP: pa.array(drops, pa.string()),
-            DETAIL: pa.array(details, pa.string()),
-        })
+        }, drop=drops, detail=details)
 
     def _verdict(self, cap: str, n_words: int, lang: str, score: float, w: int, h: int) -> tuple[str | None, str | None]:
         cfg: BasicConfig = self.config

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from recap.pipeline.stage import DETAIL, DROP, Stage, StageConfig
+from recap.pipeline.stage import GlobalStage, StageConfig
+from recap.pipeline.verdicts import verdicts
 
 
 class DedupConfig(StageConfig):
@@ -19,13 +20,12 @@ def _merge(into: dict[str, list], h: str, uid: str, n: int) -> None:
         into[h] = [uid, n]
 
 
-class DedupStage(Stage):
+class DedupStage(GlobalStage):
     name = "dedup"
     Config = DedupConfig
-    kind = "global"
-    reads = ("sha256",)
-    writes = ()
-    default_batch_size = 1 << 20
+
+    def reads(self) -> tuple[str, ...]:
+        return ("sha256",)
 
     def partial(self, batch: pa.Table) -> dict[str, list]:
         """sha256 -> [smallest uid, count] for this batch."""
@@ -50,4 +50,4 @@ class DedupStage(Stage):
             keep = winner is None or winner == uid
             drops.append(None if keep else "duplicate_image")
             details.append(None if keep else f"same bytes as {winner}")
-        return pa.table({"uid": batch.column("uid"), DROP: pa.array(drops, pa.string()), DETAIL: pa.array(details, pa.string())})
+        return verdicts(batch.column("uid"), drop=drops, detail=details)

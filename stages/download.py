@@ -18,7 +18,9 @@ import pyarrow.compute as pc
 from pydantic import Field, field_validator, model_validator
 
 from recap.pipeline.fetch import DEFAULT_USER_AGENT, Fetcher, FetchConfig, FetchResult, parse_host_entry
-from recap.pipeline.stage import DETAIL, DROP, IMAGE_COLUMN, NOTE, Stage, StageConfig
+from recap.pipeline.inputs import UrlListSource
+from recap.pipeline.stage import IMAGE_COLUMN, StageConfig
+from recap.pipeline.verdicts import CONTROL_COLUMNS, DROP, control, verdicts
 
 Interpolation = Literal["nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4"]
 BASE_COLUMNS = ("uid", "key", "url", "caption", "dup_of", "input_note")
@@ -41,7 +43,7 @@ class DownloadConfig(StageConfig):
     max_aspect_ratio: float = Field(math.inf, gt=0)
     max_image_pixels: int = Field(89_478_485, gt=0, description="larger images are decompression bombs")
     extract_exif: bool = Field(False, description="add an `exif` column (img2dataset's format)")
-    # input splitting (read by the engine)
+    # how the URL list is cut into shards
     samples_per_shard: int = Field(10_000, ge=1)
     # fetching
     timeout: float = Field(10.0, gt=0, description="seconds per request: connect + headers + body, redirects included")
@@ -89,12 +91,9 @@ class _Row:
     exif: str | None = None
 
 
-class DownloadStage(Stage):
+class DownloadStage(UrlListSource):
     name = "download"
     Config = DownloadConfig
-    kind = "source"
-    writes = ("key", "url", "caption", "status", "error_message", "width", "height", "original_width",
-              "original_height", "sha256", IMAGE_COLUMN)
     default_batch_size = 10_000  # one batch per default shard: no thread-pool tail per batch
     hash_exclude = frozenset({"threads", "per_host_connections"})
 
@@ -103,9 +102,16 @@ class DownloadStage(Stage):
         self._fetcher: Fetcher | None = None
         self._images = None
 
-    @property
-    def image_ext(self) -> str:
+    def writes(self) -> tuple[str, ...]:
+        return ("key", "url", "caption", "status", "error_message", "width", "height", "original_width",
+                "original_height", "sha256", IMAGE_COLUMN)
+
+    def image_member(self) -> str:
         return self.config.encode_format
+
+    @classmethod
+    def kept(cls, index: pa.Table) -> pa.Array:
+        return pc.fill_null(pc.equal(index.column("status"), SUCCESS), False)
 
     def setup(self) -> None:
         from recap.pipeline.imaging import ImageProcessor
@@ -158,7 +164,6 @@ class DownloadStage(Stage):
         kept = [r.status == SUCCESS for r in rows]
         notes = _column(batch, "input_note", n)
         cols: dict[str, pa.Array] = {
-            "uid": _string(batch, "uid", n),
             "key": _string(batch, "key", n),
             "url": _string(batch, "url", n),
             "caption": _string(batch, "caption", n),
@@ -177,18 +182,18 @@ class DownloadStage(Stage):
             if name in BASE_COLUMNS:
                 continue
             out_name = name
-            while out_name in cols or out_name in (DROP, DETAIL, NOTE):
+            while out_name in cols or out_name in CONTROL_COLUMNS or out_name == "uid":
                 out_name = "input_" + out_name  # a user column named like ours keeps its data
             cols[out_name] = batch.column(name)
-        cols[DROP] = pa.array([None if r.status == SUCCESS else r.reason for r in rows], pa.string())
-        cols[DETAIL] = pa.array([None if r.status == SUCCESS else _clip(r.detail) for r in rows], pa.string())
-        cols[NOTE] = pa.array([note if ok else None for note, ok in zip(notes, kept)], pa.string())
-        return pa.table(cols)
+        return verdicts(_string(batch, "uid", n), cols,
+                        drop=[None if r.status == SUCCESS else r.reason for r in rows],
+                        detail=[None if r.status == SUCCESS else _clip(r.detail) for r in rows],
+                        note=[note if ok else None for note, ok in zip(notes, kept)])
 
     # -- stats -----------------------------------------------------------------------------------
     def shard_stats(self, out: pa.Table, duration: float) -> dict:
         status = Counter(out.column("status").to_pylist())
-        reasons = Counter(r if r is not None else SUCCESS for r in out.column(DROP).to_pylist())
+        reasons = Counter(r if r is not None else SUCCESS for r in control(out, DROP).to_pylist())
         return {
             "count": out.num_rows,
             "successes": status[SUCCESS],

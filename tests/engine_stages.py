@@ -2,9 +2,12 @@
 import hashlib
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401 - pa.compute
 
 from recap.pipeline import rng
-from recap.pipeline.stage import DETAIL, DROP, NOTE, Stage, StageConfig
+from recap.pipeline.inputs import UrlListSource
+from recap.pipeline.stage import GlobalStage, MapStage, StageConfig
+from recap.pipeline.verdicts import DETAIL, DROP, NOTE, verdicts
 
 
 class FakeSourceConfig(StageConfig):
@@ -13,11 +16,14 @@ class FakeSourceConfig(StageConfig):
     timeout: float = 1.0
 
 
-class FakeSource(Stage):
+class FakeSource(UrlListSource):
     """'Downloads' by hashing the URL; URLs containing 'fail' fail with http_404."""
     name = "download"
     Config = FakeSourceConfig
-    kind = "source"
+
+    @classmethod
+    def kept(cls, index):
+        return pa.compute.equal(index.column("status"), "success")
 
     def process(self, batch):
         rows = batch.to_pylist()
@@ -45,48 +51,58 @@ class UpperConfig(StageConfig):
     suffix: str = "!"
 
 
-class Upper(Stage):
+class Upper(MapStage):
     name = "upper"
     Config = UpperConfig
-    reads = ("caption",)
-    writes = ("caption_upper",)
+
+    def reads(self):
+        return ("caption",)
+
+    def writes(self):
+        return ("caption_upper",)
 
     def process(self, batch):
         caps = batch.column("caption").to_pylist()
-        return pa.table({"uid": batch.column("uid"),
-                         "caption_upper": [c.upper() + self.config.suffix for c in caps],
-                         DROP: [("caption_says_drop" if "drop" in c else None) for c in caps]})
+        return verdicts(batch.column("uid"), {"caption_upper": [c.upper() + self.config.suffix for c in caps]},
+                        drop=[("caption_says_drop" if "drop" in c else None) for c in caps])
 
 
 class CoinConfig(StageConfig):
     p: float = 0.5
 
 
-class Coin(Stage):
+class Coin(MapStage):
     """Keeps each sample with probability p, drawn from (seed, stage, uid)."""
     name = "coin"
     Config = CoinConfig
-    reads = ("caption_upper", "jpg")
-    writes = ("u", "nbytes")
     default_batch_size = 3
     stateful = True
+
+    def reads(self):
+        return ("caption_upper", "jpg")
+
+    def writes(self):
+        return ("u", "nbytes")
 
     def setup(self):
         self.calls = 0
 
     def process(self, batch):
         u = rng.uniform(self.ctx.seed, self.ctx.stage, batch.column("uid").to_pylist())
-        return pa.table({"uid": batch.column("uid"), "u": u,
-                         "nbytes": [len(b) for b in batch.column("jpg").to_pylist()],
-                         DROP: [None if x < self.config.p else "coin_flip" for x in u]})
+        return verdicts(batch.column("uid"), {"u": u, "nbytes": [len(b) for b in batch.column("jpg").to_pylist()]},
+                        drop=[None if x < self.config.p else "coin_flip" for x in u])
 
 
-class FirstWordRare(Stage):
+class FirstWordRare(GlobalStage):
     """Global: drops samples whose caption's first word appears fewer than 2 times overall."""
     name = "firstword"
-    kind = "global"
-    reads = ("caption",)
-    writes = ("first_word_count",)
+    default_batch_size = 1024
+
+    def reads(self):
+        return ("caption",)
+
+    def writes(self):
+        return ("first_word_count",)
 
     def partial(self, batch):
         out = {}
@@ -105,27 +121,30 @@ class FirstWordRare(Stage):
     def apply(self, batch, state):
         ws = [(c.split() or [""])[0] for c in batch.column("caption").to_pylist()]
         n = [state.get(w, 0) for w in ws]
-        return pa.table({"uid": batch.column("uid"), "first_word_count": pa.array(n, pa.int64()),
-                         DROP: [None if k >= 2 else "rare_first_word" for k in n]})
+        return verdicts(batch.column("uid"), {"first_word_count": pa.array(n, pa.int64())},
+                        drop=[None if k >= 2 else "rare_first_word" for k in n])
 
 
-class Boom(Stage):
+class Boom(MapStage):
     name = "boom"
 
     def process(self, batch):
         raise ValueError("kaboom")
 
 
-class LangTag(Stage):
+class LangTag(MapStage):
     """Writes `lang` from a `xx:` caption prefix (English when there is none)."""
     name = "langtag"
-    reads = ("caption",)
-    writes = ("lang",)
+
+    def reads(self):
+        return ("caption",)
+
+    def writes(self):
+        return ("lang",)
 
     def process(self, batch):
         caps = batch.column("caption").to_pylist()
-        return pa.table({"uid": batch.column("uid"),
-                         "lang": [c[:2] if len(c) > 2 and c[2] == ":" else "en" for c in caps]})
+        return verdicts(batch.column("uid"), {"lang": [c[:2] if len(c) > 2 and c[2] == ":" else "en" for c in caps]})
 
 
 ALL = [FakeSource, Upper, Coin, FirstWordRare, Boom, LangTag]

@@ -143,9 +143,9 @@ def test_config_rejects(bad):
         DownloadConfig(**bad)
 
 
-def test_image_ext_follows_encode_format():
-    assert DownloadStage(DownloadConfig(), CTX).image_ext == "jpg"
-    assert DownloadStage(DownloadConfig(encode_format="webp"), CTX).image_ext == "webp"
+def test_image_member_follows_encode_format():
+    assert DownloadStage(DownloadConfig(), CTX).image_member() == "jpg"
+    assert DownloadStage(DownloadConfig(encode_format="webp"), CTX).image_member() == "webp"
 
 
 # -- process() end to end ------------------------------------------------------------------------------
@@ -267,7 +267,7 @@ def test_png_encoding_and_process_without_setup(srv):
                       "dup_of": pa.array([None], pa.string()), "input_note": pa.array([None], pa.string())})
     out = stage.process(table)  # setup() on first use when the caller skipped it
     stage.teardown()
-    assert out.column("status").to_pylist() == ["success"] and stage.image_ext == "png"
+    assert out.column("status").to_pylist() == ["success"] and stage.image_member() == "png"
     assert out.column("jpg")[0].as_py()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -3,7 +3,8 @@ from collections import Counter
 
 import pytest
 
-from recap.pipeline.reinforced import ReinforcedWriter, make_fixture
+from recap.pipeline.reinforced import ReinforcedWriter
+from recap.pipeline.reinforced.testing import make_fixture
 from recap.trainer.data import ReinforcedDataset, make_loader
 
 

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from recap.pipeline.inputs import InputError, plan_shards
-from recap.pipeline.job import InputSpec
+from recap.pipeline.inputs import InputSpec
 from recap.pipeline.uid import make_uid
 
 

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from recap.pipeline.reinforced import (AugConfig, ReinforcedConfig, ReinforcedFormatError, ReinforcedWriter,
-                                 TeacherConfig, apply_param_aug, iter_shard, list_shards, load_npz, make_fixture,
-                                 npz_bytes, read_config, read_sizes, sample_param_aug)
+                                       TeacherConfig, apply_param_aug, iter_shard, list_shards, load_npz, npz_bytes,
+                                       read_config, read_sizes, sample_param_aug)
+from recap.pipeline.reinforced.testing import make_fixture
 from recap.pipeline.shards import read_tar, write_tar
 
 

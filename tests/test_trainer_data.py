@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from recap.pipeline.reinforced import apply_param_aug, iter_shard, list_shards, make_fixture, npz_bytes, read_config
+from recap.pipeline.reinforced import apply_param_aug, iter_shard, list_shards, npz_bytes, read_config
+from recap.pipeline.reinforced.testing import make_fixture
 from recap.pipeline.shards import read_tar, write_tar
 from recap.trainer.data import OPENAI_MEAN, OPENAI_STD, DataError, ReinforcedDataset, make_loader
 

@@ -1,0 +1,52 @@
+"""What a stage may read of its own files, handed to it by the engine: its reduced state, the rows
+its partial carried, its kept rows. Stages never spell dataset paths themselves."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+
+from recap.pipeline.storage import Dataset, shard_name
+
+
+def state_rel(stage: str) -> str:
+    return f"stages/{stage}/state.json"
+
+
+def partial_rel(stage: str, shard: int) -> str:
+    return f"stages/{stage}/partials/{shard_name(shard)}.json"
+
+
+def carry_rel(stage: str, shard: int) -> str:
+    return f"stages/{stage}/carry/{shard_name(shard)}.parquet"
+
+
+def output_rel(stage: str, name: str) -> str:
+    return f"stages/{stage}/{name}"
+
+
+@dataclass
+class StageData:
+    """One stage's committed files in one dataset."""
+
+    dataset: Dataset
+    stage: str
+    n_shards: int
+
+    def has_state(self) -> bool:
+        return self.dataset.exists(state_rel(self.stage))
+
+    def state(self) -> Any:
+        """A global stage's reduced state."""
+        return self.dataset.read_json(state_rel(self.stage))["state"]
+
+    def carried(self, shard: int, columns: list[str] | None = None) -> pa.Table | None:
+        """The rows the partial pass carried for ``shard`` (every input row), or None."""
+        rel = carry_rel(self.stage, shard)
+        return self.dataset.read_table(rel, columns=columns) if self.dataset.exists(rel) else None
+
+    def kept(self, shard: int, columns: list[str] | None = None) -> pa.Table | None:
+        """The stage's sidecar for ``shard``: its kept rows and the columns it wrote, or None."""
+        rel = Dataset.sidecar_rel(self.stage, shard)
+        return self.dataset.read_table(rel, columns=columns) if self.dataset.exists(rel) else None
