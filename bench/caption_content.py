@@ -68,7 +68,7 @@ TEXT_SIDES = ("shape", "concept", "caption", "caption+concept", "shape-negatives
 
 def load_split(heldout: Path, preprocess) -> dict:
     """Images (preprocessed once), captions, labels and dominant objects of a clean split."""
-    from recap.trainer.eval import _decode, iter_samples
+    from recap.trainer.eval.sets import decode_image as _decode, iter_samples
 
     scenes = {r["key"]: r["scene"] for r in pq.read_table(heldout / "index.parquet").to_pylist()}
     images, captions, labels, dominant = [], [], [], []

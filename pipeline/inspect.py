@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from recap.pipeline.stage import Stage, UnknownStage, get_stage_class
@@ -63,6 +64,9 @@ def inspect_dataset(url: str, samples: int = 0, verify: bool = False) -> dict:
                 ledger = ds.read_table(Dataset.ledger_rel(name, shard))
             except FileNotFoundError:
                 problems.append(f"{name}: shard {sn} has not been committed (incomplete run)")
+                break
+            except (OSError, pa.ArrowException) as e:  # damaged on disk: a problem to report, not a crash
+                problems.append(f"{name}: shard {sn}: unreadable file: {str(e)[:200]}")
                 break
             drops = ledger.filter(pc.equal(ledger.column("action"), "drop"))
             notes = ledger.filter(pc.equal(ledger.column("action"), "note"))

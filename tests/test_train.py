@@ -301,7 +301,7 @@ def test_non_finite_loss_stops_with_the_batch(tmp_path, worlds):
 
 
 def _fixture(tmp_path):
-    from recap.pipeline.reinforced import make_fixture
+    from recap.pipeline.reinforced.testing import make_fixture
 
     out = tmp_path / "reinforced"
     make_fixture(str(out), n_samples=64, n_shards=2, dims=(16, 8), seed=3, n_aug=2, n_syn=2, n_neg=1, image_size=64,

@@ -14,26 +14,30 @@ One file per save, ``<output>/checkpoints/step_N.pt``, a ``torch.save`` dict:
 Everything in it is a tensor or a plain container of numbers/strings, so it loads with
 ``torch.load(weights_only=True)`` (open_clip's default).
 
-Writes go through fsspec (a local path or any URL: ``s3://``, ``gs://``, ``memory://``). Local
-files are written to a temporary name in the same directory, fsynced and renamed: a crash never
-leaves a half file under a ``step_N.pt`` name. On object stores an object appears only when its
-upload completes; after it, a ``latest`` pointer file (the checkpoint's file name) is written
-last, and ``latest_checkpoint`` trusts that pointer there.
+Writes go through fsspec (a local path or any URL: ``s3://``, ``gs://``, ``memory://``) and
+``pipeline.atomic.write_atomic``: a crash never leaves a half file under a ``step_N.pt`` name. On
+object stores an object appears only when its upload completes; after it, a ``latest`` pointer
+file (the checkpoint's file name) is written last, and ``latest_checkpoint`` trusts that pointer
+there. Reading is ``weights.py``'s, shared with model building.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
-import os
 import random
 import re
-import uuid
 from typing import Any
 
 import fsspec
 import numpy as np
 import torch
+
+from recap.pipeline.atomic import is_local, write_atomic
+from recap.trainer.models import text_context_length
+from recap.trainer.weights import read_checkpoint, read_state_dict, unwrapped_state
+
+__all__ = ["latest_checkpoint", "list_checkpoints", "load_checkpoint", "read_checkpoint", "read_state_dict",
+           "rng_state", "save_checkpoint", "set_rng_state"]
 
 log = logging.getLogger(__name__)
 
@@ -93,11 +97,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 # -- writing --------------------------------------------------------------------------------------
 
-def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return protocol in ("file", "local")
-
-
 def _parent(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[0] if "/" in path.rstrip("/") else ""
 
@@ -108,8 +107,6 @@ def save_checkpoint(path_or_url: str, *, model: torch.nn.Module, optimizer: torc
                     extra: dict | None = None, heads: dict[str, torch.nn.Module] | None = None) -> str:
     """Write a checkpoint to ``path_or_url`` (atomically; see the module docstring) and update the
     ``latest`` pointer beside it. ``model`` may be DDP-wrapped. Returns the path written."""
-    from recap.trainer.models import text_context_length
-
     m = _unwrap(model)
     try:
         ctx = text_context_length(m)
@@ -132,67 +129,14 @@ def save_checkpoint(path_or_url: str, *, model: torch.nn.Module, optimizer: torc
     parent = _parent(path)
     if parent:
         fs.makedirs(parent, exist_ok=True)
-    if _is_local(fs):
-        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(payload, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        _write_pointer_local(parent, os.path.basename(path))
-    else:
-        with fs.open(path, "wb") as f:
-            torch.save(payload, f)
-        with fs.open(f"{parent}/{POINTER}" if parent else POINTER, "w") as f:
-            f.write(path.rsplit("/", 1)[-1] + "\n")
+    write_atomic(path, lambda f: torch.save(payload, f), fs=fs)
+    # the pointer goes last: whoever follows it finds a complete checkpoint
+    write_atomic(f"{parent}/{POINTER}" if parent else POINTER, (path.rsplit("/", 1)[-1] + "\n").encode(), fs=fs)
     log.info("checkpoint step %d written to %s", step, path_or_url)
     return path_or_url
 
 
-def _write_pointer_local(directory: str, target: str) -> None:
-    ptr = os.path.join(directory or ".", POINTER)
-    tmp = f"{ptr}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    with open(tmp, "w") as f:
-        f.write(target + "\n")
-    os.replace(tmp, ptr)
-
-
 # -- reading --------------------------------------------------------------------------------------
-
-def read_checkpoint(path_or_url: str) -> dict[str, Any]:
-    """The raw checkpoint dict (``torch.load(weights_only=True)`` on CPU) from a path or URL.
-    A bare state dict (an open_clip weights file) comes back as ``{"state_dict": ...}``."""
-    fs, path = fsspec.core.url_to_fs(path_or_url)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path_or_url}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load as load_safetensors
-
-        with fs.open(path, "rb") as f:
-            return {"state_dict": load_safetensors(f.read())}
-    if _is_local(fs):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    else:
-        with fs.open(path, "rb") as f:
-            obj = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path_or_url} is not a checkpoint (a {type(obj).__name__})")
-    if "state_dict" not in obj:
-        obj = {"state_dict": obj}
-    return obj
-
-
-def read_state_dict(path_or_url: str) -> dict[str, torch.Tensor]:
-    """Just the model weights of a checkpoint (ours or open_clip's), ``module.`` prefixes removed."""
-    state = read_checkpoint(path_or_url)["state_dict"]
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
 
 def load_checkpoint(path_or_url: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
                     scaler: Any = None, restore_rng: bool = True,
@@ -201,10 +145,7 @@ def load_checkpoint(path_or_url: str, model: torch.nn.Module, optimizer: torch.o
     when given / asked and present in the file. Returns ``{step, epoch, data_position, config,
     name}`` (zeros / empty for a bare weights file)."""
     ckpt = read_checkpoint(path_or_url)
-    state = ckpt["state_dict"]
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    _unwrap(model).load_state_dict(state, strict=True)
+    _unwrap(model).load_state_dict(unwrapped_state(ckpt["state_dict"]), strict=True)
     for k, h in (heads or {}).items():
         if k not in (ckpt.get("heads") or {}):
             raise ValueError(f"{path_or_url} has no {k!r} head to resume (it was trained without it)")
@@ -264,7 +205,7 @@ def latest_checkpoint(dir_or_url: str) -> str | None:
     if not fs.exists(path):
         return None
     found = list_checkpoints(dir_or_url)
-    if not _is_local(fs):
+    if not is_local(fs):
         cdir = _checkpoint_dir(fs, path)
         ptr = f"{cdir}/{POINTER}"
         if fs.exists(ptr):

@@ -32,6 +32,8 @@ import open_clip
 import torch
 import torch.nn as nn
 
+from recap.trainer.weights import read_state_dict
+
 log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
@@ -94,8 +96,6 @@ def create_model(name: str, *, pretrained: str | None = None, context_length: in
         _init_left_empty(model)
     tokenizer = get_tokenizer(name, context_length=overrides.get("force_context_length"))
     if own_ckpt:
-        from recap.trainer.checkpoint import read_state_dict
-
         state = read_state_dict(pretrained)
         ckpt_ctx = _state_text_positions(model, state)
         if ckpt_ctx is not None and ckpt_ctx > text_context_length(model):
