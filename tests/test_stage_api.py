@@ -120,3 +120,22 @@ def test_resume_trusts_sizes_and_verify_rehashes(tmp_path, ray_local, fake_stage
     run_job(_job(tmp_path, out, STAGES), progress=False, verify=True)
     assert digest(out) == first
     assert inspect_dataset(str(out), verify=True)["invariant_ok"]
+
+
+def test_the_readme_stage_example_runs():
+    import re
+    from pathlib import Path
+
+    import pyarrow as pa
+
+    from recap.pipeline.stage import StageContext
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    code = re.search(r"## Extending.*?```python\n(.*?)```", readme, flags=re.S).group(1)
+    ns: dict = {}
+    exec(code, ns)
+    stage = ns["ShortCaption"](ns["ShortCaptionConfig"](min_chars=6), StageContext("j", 0, "short_caption", "d"))
+    out = stage.process(pa.table({"uid": ["a", "b"], "caption": ["a long caption", "tiny"]}))
+    assert out.column("caption_chars").to_pylist() == [14, 4]
+    assert out.column("_drop").to_pylist() == [None, "caption_too_short"]
+    assert stage.kind == "map" and stage.writes() == ("caption_chars",)
