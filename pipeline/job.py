@@ -8,13 +8,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from recap.pipeline.errors import UserError
 from recap.pipeline.stage import (JobFilePath, SourceStage, StageConfig, UnknownStage, available_stages,
                                   get_stage_class, source_stages)
 
 DEFAULT_INPUT_KIND = "urls"  # job files from before input.kind existed are URL lists
 
 
-class JobError(ValueError):
+class JobError(UserError, ValueError):
     """A bad job file or --set value. str() is the full, user-facing message."""
 
 

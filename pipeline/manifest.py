@@ -5,7 +5,7 @@ import platform
 from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 
-from recap.pipeline.storage import Dataset
+from recap.pipeline.storage import Dataset, finite_json
 
 _PACKAGES = ("recap-curate", "ray", "pyarrow", "img2dataset", "webdataset", "torch", "open_clip_torch", "pydantic")
 
@@ -79,5 +79,5 @@ def write_manifest(ds: Dataset, job, steps, n_shards: int, status: str, seconds:
     }
     if error:
         manifest["error"] = error
-    ds.write_json("manifest.json", manifest)
+    ds.write_json("manifest.json", finite_json(manifest))
     return stages

@@ -5,8 +5,10 @@ barrier: its partials finish, a Ray task reduces them, and a new streaming run a
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -14,17 +16,21 @@ from dataclasses import dataclass, field
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI on import
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from recap.pipeline.errors import ClusterUnreachable, DatasetConflict, OutputError, UserError
 from recap.pipeline.job import Job
+from recap.pipeline.lease import LEASE, Lease
 from recap.pipeline.manifest import write_manifest
 from recap.pipeline.progress import Progress
 from recap.pipeline.stage import SourceStage, StageContext, get_stage_class
 from recap.pipeline.stage_data import output_rel, partial_rel, state_rel
-from recap.pipeline.steps import StepFailure, StepRunner, StepSpec, config_hash
-from recap.pipeline.storage import Dataset, json_bytes
+from recap.pipeline.steps import StepFailure, StepRunner, StepSpec, config_hash, hashed_config
+from recap.pipeline.storage import Dataset, finite_json, json_bytes
 
 log = logging.getLogger("recap")
 PLAN = "input/_plan.json"
-DERIVED = ("input", "shards", "stages", "ledger", "commits", "logs")
+SKIPPED = "input/_skipped.jsonl"
+DERIVED = ("input", "shards", "stages", "ledger", "commits", "logs", "manifest.json")
+OWN_FILES = {".tmp", "logs", LEASE}  # what a run may leave before it has made anything
 
 
 class JobFailed(RuntimeError):
@@ -40,25 +46,68 @@ class RunResult:
     counts: dict = field(default_factory=dict)
 
 
-def plan_input(ds: Dataset, job: Job) -> tuple[int, str]:
+def _plan_record(job: Job, fingerprint: str, source_config: dict) -> dict:
+    return finite_json({"fingerprint": fingerprint, "input": job.input.model_dump(mode="json"),
+                        "source": {"name": job.stages[0].name, "config": source_config}})
+
+
+def _changes(old: dict, new: dict, prefix: str) -> list[str]:
+    return [f"{prefix}.{k}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def check_dataset(ds: Dataset, job: Job, source: SourceStage, fingerprint: str, overwrite: bool) -> str:
+    """What the output holds: ``new``, ``same`` (a dataset of this input: resume) or ``replace``
+    (``overwrite`` given for a dataset of another input, or for a directory recap did not make).
+    Refuses, reading only, when the output holds something this run would destroy."""
+    names = [n for n in ds.listdir("") if n not in OWN_FILES]
+    if not names:
+        return "new"
+    # a lease left behind means a recap run made this (it dies before a plan or manifest exists)
+    if not (ds.exists(PLAN) or ds.exists("manifest.json") or ds.exists(LEASE)):
+        if overwrite:
+            return "replace"
+        shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+        raise OutputError(f"{ds.url}: the output directory is not empty and is not a recap dataset ({shown}). "
+                          f"Choose another --output, or run with --overwrite to write into it anyway "
+                          f"(recap's folders there, such as input/ and shards/, are then replaced).")
+    plan = ds.read_json(PLAN) if ds.exists(PLAN) else {}
+    source_config = finite_json(hashed_config(job.stages[0].config, type(source)))
+    changed = []
+    if plan.get("fingerprint") not in (None, fingerprint):
+        changed = (_changes(plan["input"], finite_json(job.input.model_dump(mode="json")), "input")
+                   if "input" in plan else ["the input or how it is read"]) or ["the input's content"]
+    old_source = plan.get("source", {}).get("config")
+    if old_source is not None and old_source != source_config:
+        changed += _changes(old_source, source_config, type(source).section())
+    if not changed:
+        return "same"
+    if overwrite:
+        return "replace"
+    raise DatasetConflict(
+        f"{ds.url}: this dataset was made from another input or source setting ({', '.join(changed)} changed). "
+        f"Nothing was touched. Run again with --overwrite to discard its derived files and rebuild it, "
+        f"or choose another --output.")
+
+
+def plan_input(ds: Dataset, job: Job, source: SourceStage, fingerprint: str) -> int:
     """Cut the input into ``input/NNNNN.parquet`` once; reuse the cut while the input and the way
-    it is read are unchanged. A changed input invalidates everything derived from it."""
-    entry = job.stages[0]
-    source: SourceStage = get_stage_class(entry.name)(entry.config, _context(job, ds, entry.name))
-    fingerprint = source.input_fingerprint(job.input)
+    it is read are unchanged (``check_dataset`` has ruled on anything else)."""
     if ds.exists(PLAN):
         plan = ds.read_json(PLAN)
         if plan.get("fingerprint") == fingerprint:
-            return plan["shards"], fingerprint
-        log.warning("input or its reading changed: discarding the dataset's derived files")
-        for d in DERIVED:
-            ds.remove(d)
+            return plan["shards"]
     n = rows = 0
     for n, table in enumerate(source.plan(job.input), start=1):
         ds.write_table(Dataset.input_rel(n - 1), table)
         rows += table.num_rows
-    ds.write_bytes(PLAN, json_bytes({"fingerprint": fingerprint, "shards": n, "rows": rows}))
-    return n, fingerprint
+    skipped = source.skipped_rows()
+    if skipped:  # the rows the input lost before any stage saw them, where a user can find them
+        ds.write_bytes(SKIPPED, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in skipped).encode())
+        log.warning("input: %d bad rows skipped (input.on_bad_row: skip), listed in %s/%s; the first: %s",
+                    len(skipped), ds.url, SKIPPED, skipped[0]["detail"])
+    record = _plan_record(job, fingerprint, hashed_config(job.stages[0].config, type(source)))
+    ds.write_bytes(PLAN, json_bytes({**record, "shards": n, "rows": rows, "skipped": len(skipped)}))
+    return n
 
 
 def _context(job: Job, ds: Dataset, stage: str) -> StageContext:
@@ -83,13 +132,20 @@ def build_steps(job: Job, ds: Dataset, fingerprint: str, verify: bool = False) -
     return steps
 
 
-def init_ray(address: str | None, cpus: int | None) -> bool:
-    """Start or join Ray. Returns True when this call started it (and so should shut it down)."""
+def init_ray(address: str | None, cpus: int | None, debug: bool = False) -> bool:
+    """Start or join Ray. Returns True when this call started it (and so should shut it down).
+    Unless ``debug``, Ray's own log lines (its token-auth notice, the core worker's) stay in Ray's
+    log files: recap's messages say what the user needs."""
     import ray
 
     if ray.is_initialized():
         return False
-    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    if not debug:
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # before the core worker starts
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    kwargs = dict(include_dashboard=False, logging_level=logging.DEBUG if debug else logging.ERROR,
+                  log_to_driver=True)
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -97,14 +153,14 @@ def init_ray(address: str | None, cpus: int | None) -> bool:
     return True
 
 
-def _configure_ray_data() -> None:
+def _configure_ray_data(debug: bool = False) -> None:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.INFO if debug else logging.CRITICAL)
 
 
 def _remote_args(spec: StepSpec) -> dict:
@@ -207,23 +263,106 @@ def _failure_message(ds: Dataset, err: BaseException) -> str:
     return "\n".join(texts) or f"{type(err).__name__}: {err}"
 
 
+def _check_address(address: str | None, timeout: float = 5.0) -> None:
+    """Fail fast, naming the address, when a cluster address does not answer (Ray itself waits)."""
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterUnreachable(f"--address {address}: expected HOST:PORT, ray://HOST:PORT, auto or local")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ClusterUnreachable(f"--address {address}: no Ray cluster answers there ({e.strerror or e}); "
+                                 f"check the address and that the head node is up") from None
+
+
+def _fingerprint(source: SourceStage, job: Job) -> str:
+    try:
+        return source.input_fingerprint(job.input)
+    except UserError:
+        raise
+    except OSError as e:  # a missing or unreadable input is the user's to fix
+        from recap.pipeline.inputs import InputError
+
+        raise InputError(f"cannot read the input: {e.strerror or e}: {getattr(e, 'filename', '') or ''}".rstrip(": ")) from None
+
+
+def _note_leftovers(ds: Dataset, job: Job) -> None:
+    names = {e.name for e in job.stages}
+    for d in ("stages", "ledger"):
+        for stage in ds.listdir(d):
+            if stage not in names:
+                log.warning("%s/%s is from an earlier run with a stage this job does not have; left as it is", d, stage)
+
+
+def _warn_empty(n_shards: int, counts: dict) -> None:
+    if n_shards == 0:
+        log.warning("the input has no rows: the dataset is empty")
+        return
+    for name, c in counts.items():
+        if c["counts"]["in"] and not c["counts"]["kept"]:
+            log.warning("stage %s kept no sample (of %d): see `recap inspect` for its reasons", name, c["counts"]["in"])
+            return
+
+
 def run_job(job: Job, address: str | None = None, cpus: int | None = None, progress: bool = True,
-            verify: bool = False) -> RunResult:
+            verify: bool = False, overwrite: bool = False, debug: bool = False) -> RunResult:
     """Run (or resume) a job; returns when every (stage, shard) is committed. A rerun skips what is
-    committed by its markers and file sizes; ``verify`` re-hashes every committed file instead."""
+    committed by its markers and file sizes; ``verify`` re-hashes every committed file instead.
+    Nothing is written until the output, the input and the cluster have been checked; an output
+    that holds another dataset or foreign files is refused unless ``overwrite``."""
     started = time.time()
+    if cpus is not None and cpus < 1:
+        raise UserError(f"--cpus {cpus}: must be at least 1")
+    _check_address(address)
     ds = Dataset(job.output)
-    ds.clear_tmp()
-    ds.remove("logs/failures")
-    n_shards, fingerprint = plan_input(ds, job)
-    steps = build_steps(job, ds, fingerprint, verify)
-    write_manifest(ds, job, steps, n_shards, status="running", seconds=0.0)
+    ds.check_usable()
+    entry = job.stages[0]
+    source: SourceStage = get_stage_class(entry.name)(entry.config, _context(job, ds, entry.name))
+    fingerprint = _fingerprint(source, job)
+    verdict = check_dataset(ds, job, source, fingerprint, overwrite)
 
     import ray
 
-    own = init_ray(address, cpus)
-    _configure_ray_data()
-    cpus_total = ray.cluster_resources().get("CPU", 1.0)
+    own = init_ray(address, cpus, debug)
+    lease = Lease(ds)
+    steps: list[StepSpec] = []
+    n_shards = 0
+    try:
+        lease.acquire()
+        if verdict == "replace":
+            log.warning("--overwrite: discarding the derived files in %s", ds.url)
+            for d in DERIVED:
+                ds.remove(d)
+        ds.clear_tmp()
+        ds.remove("logs/failures")
+        n_shards = plan_input(ds, job, source, fingerprint)
+        steps = build_steps(job, ds, fingerprint, verify)
+        write_manifest(ds, job, steps, n_shards, status="running", seconds=0.0)
+        _configure_ray_data(debug)
+        _run_steps(ds, steps, n_shards, ray.cluster_resources().get("CPU", 1.0), progress)
+    except KeyboardInterrupt:
+        if steps:
+            write_manifest(ds, job, steps, n_shards, status="interrupted", seconds=time.time() - started)
+        raise
+    except StepFailure as e:
+        write_manifest(ds, job, steps, n_shards, status="failed", seconds=time.time() - started, error=str(e))
+        raise JobFailed(str(e)) from e
+    finally:
+        lease.release()
+        if own:
+            ray.shutdown()
+    ds.clear_tmp()
+    seconds = time.time() - started
+    counts = write_manifest(ds, job, steps, n_shards, status="done", seconds=seconds)
+    _note_leftovers(ds, job)
+    _warn_empty(n_shards, counts)
+    return RunResult(ds.url, n_shards, [s.step for s in steps], seconds, counts)
+
+
+def _run_steps(ds: Dataset, steps: list[StepSpec], n_shards: int, cpus_total: float, progress: bool) -> None:
     monitor = Progress(ds, steps, n_shards, enabled=progress, stream=sys.stderr)
     monitor.start()
     try:
@@ -235,19 +374,12 @@ def run_job(job: Job, address: str | None = None, cpus: int | None = None, progr
                 _reduce(spec, n_shards)
                 segment = []
         _stream(segment, n_shards, cpus_total, ds)
+    except KeyboardInterrupt:
+        raise
     except Exception as e:  # Ray wraps the step's exception; the step wrote what failed where
-        monitor.stop()
-        msg = _failure_message(ds, e)
-        write_manifest(ds, job, steps, n_shards, status="failed", seconds=time.time() - started, error=msg)
-        raise JobFailed(msg) from e
+        raise StepFailure(_failure_message(ds, e)) from e
     finally:
         monitor.stop()
-        if own:
-            ray.shutdown()
-    ds.clear_tmp()
-    seconds = time.time() - started
-    counts = write_manifest(ds, job, steps, n_shards, status="done", seconds=seconds)
-    return RunResult(ds.url, n_shards, [s.step for s in steps], seconds, counts)
 
 
 __all__ = ["run_job", "JobFailed", "RunResult", "StepFailure"]

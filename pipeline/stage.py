@@ -181,6 +181,8 @@ class SourceStage(Stage):
     # columns of the output that name each sample's tar members and fill its .txt member
     key_column: ClassVar[str] = "key"
     text_column: ClassVar[str] = "caption"
+    # a column that says where a sample came from (a URL, a file), shown with `recap inspect --samples`
+    origin_column: ClassVar[str | None] = None
 
     @classmethod
     def section(cls) -> str:
@@ -194,6 +196,11 @@ class SourceStage(Stage):
     def plan(self, spec: BaseModel) -> Iterator[pa.Table]:
         """The input cut into shards, on the driver: tables with at least ``uid``, in order."""
         raise NotImplementedError
+
+    def skipped_rows(self) -> list[dict]:
+        """After ``plan``: the input rows it left out as unreadable (``input.on_bad_row: skip``),
+        each ``{"location", "reason", "detail"}``; the engine reports them."""
+        return []
 
     def process(self, batch: pa.Table) -> pa.Table:
         """One output row per input row: ``uid``, the key and text columns, ``jpg`` (bytes, null

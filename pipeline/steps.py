@@ -36,11 +36,15 @@ class StepFailure(RuntimeError):
     """A stage raised on a shard. The message names both; the traceback is in logs/failures/."""
 
 
+def hashed_config(config: StageConfig, cls: type[Stage]) -> dict:
+    """The part of a stage's config that decides its output (not threads, pools or resources)."""
+    exclude = {"resources", "batch_size", "concurrency"} | set(cls.hash_exclude)
+    return config.model_dump(mode="json", exclude=exclude)
+
+
 def config_hash(prev: str, name: str, config: StageConfig, cls: type[Stage]) -> str:
     """Chained: a changed stage changes its own hash and every later one, never an earlier one."""
-    exclude = {"resources", "batch_size", "concurrency"} | set(cls.hash_exclude)
-    payload = {"prev": prev, "stage": name, "version": cls.version,
-               "config": config.model_dump(mode="json", exclude=exclude)}
+    payload = {"prev": prev, "stage": name, "version": cls.version, "config": hashed_config(config, cls)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

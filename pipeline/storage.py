@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import threading
 from dataclasses import dataclass
 
 import fsspec
@@ -16,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recap.pipeline.atomic import is_local, write_atomic
+from recap.pipeline.errors import OutputError
 
 TMP_DIR = ".tmp"
 
@@ -41,6 +44,52 @@ class Dataset:
     def __setstate__(self, state: dict) -> None:
         self.url = state["url"]
         self.__post_init__()
+
+    # -- before a run writes anything ---------------------------------------------------------
+    def check_usable(self, timeout: float = 15.0) -> None:
+        """Raise OutputError, naming the URL, when the dataset cannot be written: a parent that is
+        a file or not writable, or an object store that does not answer within ``timeout``."""
+        if self.local:
+            self._check_local_parents()
+        else:
+            self._check_store(timeout)
+
+    def _check_local_parents(self) -> None:
+        path = os.path.abspath(self.root)
+        while True:
+            if os.path.exists(path):
+                if not os.path.isdir(path):
+                    raise OutputError(f"{self.url}: cannot be a dataset directory: {path} is a file")
+                if not os.access(path, os.W_OK | os.X_OK):
+                    raise OutputError(f"{self.url}: cannot write there: {path} is not writable")
+                return
+            parent = os.path.dirname(path)
+            if parent == path:
+                return
+            path = parent
+
+    def _check_store(self, timeout: float) -> None:
+        bucket = self.root.split("/", 1)[0]
+        outcome: dict = {}
+
+        def probe() -> None:
+            try:
+                outcome["exists"] = self.fs.exists(bucket)
+            except Exception as e:  # noqa: BLE001 - every failure to reach the store is reported
+                outcome["error"] = e
+
+        worker = threading.Thread(target=probe, daemon=True)  # botocore retries for minutes
+        worker.start()
+        worker.join(timeout)
+        endpoint = _endpoint(self.fs)
+        where = f" at {endpoint}" if endpoint else ""
+        if worker.is_alive():
+            raise OutputError(f"{self.url}: the object store{where} did not answer within {timeout:.0f}s")
+        if "error" in outcome:
+            err = outcome["error"]
+            raise OutputError(f"{self.url}: cannot reach the object store{where}: {type(err).__name__}: {str(err)[:200]}")
+        if not outcome.get("exists"):
+            raise OutputError(f"{self.url}: the bucket {bucket!r} does not exist{where}")
 
     # -- paths ----------------------------------------------------------------------------------
     def path(self, rel: str) -> str:
@@ -152,19 +201,40 @@ class Dataset:
             return None
         return marker if not self.damaged_files(marker, verify) else None
 
-    def damaged_files(self, marker: dict, verify: bool) -> list[str]:
-        """The files a marker lists that are missing, of another size, or (``verify``) of another
-        sha256."""
+    def damaged_files(self, marker: dict, verify: bool) -> list[tuple[str, str]]:
+        """(file, why) for each file a marker lists that is missing, of another size, or
+        (``verify``) of another sha256."""
         bad = []
         for frel, meta in marker.get("files", {}).items():
             try:
-                if self.fs.size(self.path(frel)) != meta["size"]:
-                    bad.append(frel)
-                elif verify and hashlib.sha256(self.read_bytes(frel)).hexdigest() != meta["sha256"]:
-                    bad.append(frel)
+                size = self.fs.size(self.path(frel))
             except (FileNotFoundError, OSError):
-                bad.append(frel)
+                bad.append((frel, "missing"))
+                continue
+            if size != meta["size"]:
+                bad.append((frel, f"{size} bytes, its commit marker says {meta['size']}"))
+            elif verify and hashlib.sha256(self.read_bytes(frel)).hexdigest() != meta["sha256"]:
+                bad.append((frel, "its bytes changed since it was committed (sha256)"))
         return bad
+
+
+def _endpoint(fs) -> str | None:
+    kwargs = getattr(fs, "client_kwargs", None) or {}
+    return getattr(fs, "endpoint_url", None) or kwargs.get("endpoint_url")
+
+
+def finite_json(obj):
+    """``obj`` with non-finite floats as the strings "inf", "-inf", "nan": strict JSON for files
+    other tools read (the manifest), and pydantic reads those strings back as the floats."""
+    if isinstance(obj, float) and obj != obj:
+        return "nan"
+    if isinstance(obj, float) and obj in (float("inf"), float("-inf")):
+        return "inf" if obj > 0 else "-inf"
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v) for v in obj]
+    return obj
 
 
 def json_bytes(obj) -> bytes:

@@ -2,69 +2,121 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import logging
 import os
 import socket
 import sys
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_JOB = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_BAD_JOB, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
+DEBUG = False  # --debug: tracebacks and Ray's own log lines reach the terminal
+
+
+class UsageError(Exception):
+    """A flag or argument the user got wrong (exit 2)."""
 
 
 def _err(msg: str) -> None:
     print(f"recap: {msg}", file=sys.stderr)
 
 
-def cmd_run(args) -> int:
-    from recap.pipeline.inputs import InputError
-    from recap.pipeline.job import JobError, load_job
-    from recap.pipeline.runner import JobFailed, run_job
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: must be at least 1")
+    return n
 
+
+def _run_job(job, overwrite: bool, **kwargs):
+    from recap.pipeline.runner import run_job
+
+    if DEBUG:
+        kwargs["debug"] = True
+    return run_job(job, overwrite=overwrite, **kwargs)
+
+
+def cmd_run(args) -> int:
+    from recap.pipeline.job import load_job
+    from recap.pipeline.runner import JobFailed
+
+    job = load_job(args.job, args.set or [], output=args.output)
     try:
-        job = load_job(args.job, args.set or [], output=args.output)
-    except JobError as e:
-        _err(f"bad job file\n{e}")
-        return EXIT_BAD_JOB
-    try:
-        result = run_job(job, address=args.address, cpus=args.cpus, progress=not args.quiet, verify=args.verify)
-    except InputError as e:
-        _err(f"bad input: {e}")
-        return EXIT_FAILED
+        result = _run_job(job, args.overwrite, address=args.address, cpus=args.cpus, progress=not args.quiet,
+                          verify=args.verify)
     except JobFailed as e:
-        _err(f"job failed: {e}")
+        _err(f"job failed: {e}\n(the full traceback is in {job.output}/logs/failures/; "
+             f"fix the cause and run the same command again: finished shards are kept)")
         return EXIT_FAILED
     print(f"done: {result.dataset} ({result.n_shards} shards, {result.seconds:.1f}s)")
     return EXIT_OK
 
 
-def cmd_inspect(args) -> int:
-    from recap.pipeline.inspect import format_report, inspect_dataset
+def _inspect(url: str, **kwargs) -> dict:
+    from recap.pipeline.errors import OutputError
+    from recap.pipeline.inspect import inspect_dataset
+    from recap.pipeline.storage import Dataset
 
+    ds = Dataset(url)
+    if not ds.local:
+        ds.check_usable()  # an unreachable store is named within seconds, not after botocore's retries
+    elif not os.path.isdir(url):
+        raise OutputError(f"{url}: no such dataset directory")
     try:
-        rep = inspect_dataset(args.dataset, samples=args.samples, verify=args.verify)
+        return inspect_dataset(url, **kwargs)
     except FileNotFoundError as e:
-        _err(str(e))
-        return EXIT_FAILED
+        raise OutputError(str(e)) from None
+
+
+def cmd_inspect(args) -> int:
+    from recap.pipeline.inspect import exit_ok, format_report
+
+    rep = _inspect(args.dataset, samples=args.samples, verify=args.verify)
     print(json.dumps(rep, indent=1) if args.json else format_report(rep))
-    return EXIT_OK if rep["invariant_ok"] else EXIT_FAILED
+    return EXIT_OK if exit_ok(rep) else EXIT_FAILED
 
 
 def cmd_world(args) -> int:
     from recap.world.generate import generate_world
 
-    summary = generate_world(args.out, samples=args.samples, heldout=args.heldout, seed=args.seed, port=args.port,
-                             min_size=args.min_size, max_size=args.max_size)
+    try:
+        summary = generate_world(args.out, samples=args.samples, heldout=args.heldout, seed=args.seed,
+                                 port=args.port, min_size=args.min_size, max_size=args.max_size)
+    except ValueError as e:
+        raise UsageError(f"world: {e}") from None
+    except OSError as e:
+        raise UsageError(f"world: cannot write {args.out}: {e.strerror or e}") from None
     print(f"world written to {args.out}: {json.dumps(summary, sort_keys=True)}")
     return EXIT_OK
+
+
+def _world_dir(path: str) -> Path:
+    world = Path(path)
+    if not (world / "world.json").is_file() or not (world / "routes.json").is_file():
+        raise UsageError(f"serve: {path} is not a demo world (no world.json and routes.json; "
+                         f"make one with `recap world {path} --samples N`)")
+    return world
 
 
 def cmd_serve(args) -> int:
     from recap.world.server import run_server
 
-    run_server(args.world, port=args.port)
+    world = _world_dir(args.world)
+    try:
+        run_server(str(world), port=args.port)
+    except OSError as e:
+        if e.errno in (errno.EADDRINUSE, errno.EACCES):
+            raise UsageError(f"serve: cannot listen on port {args.port or 'from world.json'}: {e.strerror}; "
+                             f"pick another with --port") from None
+        raise
     return EXIT_OK
 
 
@@ -84,9 +136,9 @@ def _free_port() -> int:
 
 
 def cmd_demo(args) -> int:
-    from recap.pipeline.inspect import format_report, inspect_dataset
+    from recap.pipeline.inspect import exit_ok, format_report, inspect_dataset
     from recap.pipeline.job import load_job
-    from recap.pipeline.runner import JobFailed, run_job
+    from recap.pipeline.runner import JobFailed
     from recap.world.generate import generate_world
     from recap.world.server import serve
 
@@ -94,7 +146,8 @@ def cmd_demo(args) -> int:
     world_dir = out / "world"
     meta = world_dir / "world.json"
     port = json.loads(meta.read_text())["port"] if meta.exists() else None
-    if port is None or not _port_free(port) or json.loads(meta.read_text()).get("samples") != args.samples:
+    regenerated = port is None or not _port_free(port) or json.loads(meta.read_text()).get("samples") != args.samples
+    if regenerated:
         port = port if port is not None and _port_free(port) else _free_port()
         print(f"generating the demo world ({args.samples} samples) in {world_dir} ...", flush=True)
         generate_world(world_dir, samples=args.samples, heldout=args.heldout, seed=args.seed, port=port)
@@ -106,13 +159,14 @@ def cmd_demo(args) -> int:
     print(f"serving the demo world on http://127.0.0.1:{port}; running {args.job} -> {job.output}", flush=True)
     with serve(world_dir, port=port):
         try:
-            run_job(job, cpus=args.cpus)
+            # the demo owns its output: a world made anew (another port, size) rebuilds the dataset
+            _run_job(job, regenerated, cpus=args.cpus)
         except JobFailed as e:
             _err(f"job failed: {e}")
             return EXIT_FAILED
     rep = inspect_dataset(job.output)
     print(format_report(rep))
-    return EXIT_OK if rep["invariant_ok"] else EXIT_FAILED
+    return EXIT_OK if exit_ok(rep) else EXIT_FAILED
 
 
 def cmd_metadata(args) -> int:
@@ -135,6 +189,8 @@ def cmd_eval(args) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="recap", description="curate, recaption and reinforce image-text data on Ray")
+    p.add_argument("--version", action="version", version=f"recap {_version()}")
+    p.add_argument("--debug", action="store_true", help="tracebacks and Ray's own log lines on the terminal")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="run or resume a job file")
@@ -142,10 +198,13 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a job field (YAML value); repeatable")
     r.add_argument("--output", help="dataset directory (local path or fsspec URL); overrides `output`")
     r.add_argument("--address", help="join this Ray cluster instead of starting a local one")
-    r.add_argument("--cpus", type=int, help="CPUs for the local Ray (default: all)")
+    r.add_argument("--cpus", type=_positive, help="CPUs for the local Ray (default: all)")
     r.add_argument("--quiet", action="store_true", help="no progress lines")
     r.add_argument("--verify", action="store_true",
                    help="resume: re-hash every committed file instead of trusting markers and sizes")
+    r.add_argument("--overwrite", action="store_true",
+                   help="the output holds a dataset of another input or source setting, or files recap did "
+                        "not write: discard recap's folders there and start again (default: refuse, exit 2)")
     r.set_defaults(fn=cmd_run)
 
     i = sub.add_parser("inspect", help="counts, drops by reason, and the invariant check")
@@ -157,7 +216,7 @@ def parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("world", help="generate the demo web")
     w.add_argument("out")
-    w.add_argument("--samples", type=int, default=2000)
+    w.add_argument("--samples", type=_positive, default=2000)
     w.add_argument("--heldout", type=int, default=200)
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--port", type=int, default=None, help="port the URLs point at (default 8765)")
@@ -176,7 +235,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--samples", type=int, default=2000)
     d.add_argument("--heldout", type=int, default=200)
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--cpus", type=int, default=None)
+    d.add_argument("--cpus", type=_positive, default=None)
     d.add_argument("--set", action="append", metavar="KEY=VALUE")
     d.set_defaults(fn=cmd_demo)
 
@@ -199,15 +258,58 @@ def parser() -> argparse.ArgumentParser:
 _PASSTHROUGH = {"metadata": cmd_metadata, "train": cmd_train, "eval": cmd_eval}
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("recap-curate")
+    except PackageNotFoundError:
+        from recap import __version__
+
+        return __version__
+
+
+def _dispatch(argv: list[str]) -> int:
+    global DEBUG
+    if "--debug" in argv[:1]:
+        DEBUG, argv = True, argv[1:]
     if argv and argv[0] in _PASSTHROUGH:
         return _PASSTHROUGH[argv[0]](argparse.Namespace(rest=argv[1:]))
     args = parser().parse_args(argv)
+    DEBUG = DEBUG or args.debug
     if args.cmd == "world" and args.port is None:
         from recap.world.generate import DEFAULT_PORT
         args.port = DEFAULT_PORT
     return args.fn(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Every way a command can end, mapped to an exit code and one message: 2 for what the user can
+    fix (job file, flags, inputs, output), 1 for a job that failed while running, 130 on Ctrl-C."""
+    from recap.pipeline.errors import UserError
+
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO if "--debug" in argv else logging.WARNING,
+                        format="recap: %(message)s")
+    try:
+        return _dispatch(argv)
+    except (UserError, UsageError) as e:
+        from recap.pipeline.job import JobError
+
+        _err(f"bad job file\n{e}" if isinstance(e, JobError) else str(e))
+        return EXIT_BAD_JOB
+    except KeyboardInterrupt:
+        _err("interrupted; run the same command again to resume (committed shards are kept)")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # the reader went away (`recap inspect DS | head`): say nothing more, and never again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback with --debug
+        if DEBUG:
+            traceback.print_exc()
+        _err(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)")
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

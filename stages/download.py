@@ -94,6 +94,7 @@ class _Row:
 class DownloadStage(UrlListSource):
     name = "download"
     Config = DownloadConfig
+    origin_column = "url"
     default_batch_size = 10_000  # one batch per default shard: no thread-pool tail per batch
     hash_exclude = frozenset({"threads", "per_host_connections"})
 

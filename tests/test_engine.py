@@ -187,6 +187,6 @@ def test_changed_input_discards_derived_files(tmp_path, ray_local, fake_stages):
     run_job(_job(tmp_path, out, [{"upper": {}}]), progress=False)
     assert (out / "shards/00005.tar").exists()
     job = _job(tmp_path, out, [{"upper": {}}], samples_per_shard=100)  # a different cut of the same input
-    run_job(job, progress=False)
+    run_job(job, progress=False, overwrite=True)
     assert not (out / "shards/00005.tar").exists() and (out / "shards/00000.tar").exists()
     assert inspect_dataset(str(out))["invariant_ok"]

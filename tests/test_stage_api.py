@@ -116,7 +116,7 @@ def test_resume_trusts_sizes_and_verify_rehashes(tmp_path, ray_local, fake_stage
     assert os.stat(side).st_mtime_ns == mtime  # a plain rerun reads no data file
     rep = inspect_dataset(str(out), verify=True)
     assert not rep["invariant_ok"]
-    assert any("stages/upper/00001.parquet does not match its commit marker" in p for p in rep["problems"])
+    assert any("stages/upper/00001.parquet is damaged (its bytes changed" in p for p in rep["problems"])
     run_job(_job(tmp_path, out, STAGES), progress=False, verify=True)
     assert digest(out) == first
     assert inspect_dataset(str(out), verify=True)["invariant_ok"]

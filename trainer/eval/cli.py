@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -62,6 +63,8 @@ def _resolve_target(target: str, model_name: str | None, pretrained: str | None)
             raise FileNotFoundError(f"no checkpoints/step_N.pt under {target}")
     if ckpt is None and ("://" in target or target.endswith((".pt", ".pth", ".bin", ".safetensors"))):
         raise FileNotFoundError(f"no checkpoint at {target}")
+    if ckpt is None and ("/" in target or os.sep in target or target.startswith(("~", "."))):
+        raise FileNotFoundError(f"{target}: no such checkpoint or run directory")
     if ckpt is None:  # a model name
         if model_name and model_name != target:
             raise ValueError(f"{target!r} is neither a checkpoint nor a directory, and --model says {model_name!r}")
