@@ -134,18 +134,19 @@ def build_steps(job: Job, ds: Dataset, fingerprint: str, verify: bool = False) -
 
 def init_ray(address: str | None, cpus: int | None, debug: bool = False) -> bool:
     """Start or join Ray. Returns True when this call started it (and so should shut it down).
-    Unless ``debug``, Ray's own log lines (its token-auth notice, the core worker's) stay in Ray's
-    log files: recap's messages say what the user needs."""
+    Unless ``debug``, Ray's Python log lines (its token-auth notice) and the workers' output stay
+    in Ray's log files: recap's messages say what the user needs."""
     import ray
 
     if ray.is_initialized():
         return False
     if not debug:
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # before the core worker starts
         for name in ("ray", "ray.data"):
             logging.getLogger(name).setLevel(logging.ERROR)
+    # workers' own output stays in Ray's log files unless debugging: a stage reports through the
+    # ledger and logs/failures/, not by printing
     kwargs = dict(include_dashboard=False, logging_level=logging.DEBUG if debug else logging.ERROR,
-                  log_to_driver=True)
+                  log_to_driver=debug)
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -201,7 +202,13 @@ def _stream(steps: list[StepSpec], n_shards: int, cpus_total: float, ds: Dataset
 
     if not steps or n_shards == 0:
         return
-    data = ray.data.from_items([{"shard": i} for i in range(n_shards)], override_num_blocks=n_shards)
+    # Shards every step of this segment has committed need no worker: deciding it here costs a
+    # marker read and a size look-up per file (with --verify the workers hash, in parallel, instead).
+    todo = [i for i in range(n_shards)
+            if steps[0].verify or not all(s.dataset.committed(s.step, i, s.config_hash) for s in steps)]
+    if not todo:
+        return
+    data = ray.data.from_items([{"shard": i} for i in todo], override_num_blocks=len(todo))
     # Actors hold their CPUs for the whole run: if every step's pool asked for a full share, a
     # small cluster (--cpus 1) would deadlock with later steps waiting forever. So each actor gets
     # at most an even share, and a task at most what the actors' first workers leave free.

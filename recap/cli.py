@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
 import os
+import re
 import socket
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -36,12 +39,44 @@ def _positive(value: str) -> int:
     return n
 
 
+# Ray's C++ core logs to this process's stderr in glog's format ("[2026-01-01 10:00:00,000 E 1 1]
+# core_worker.cc:..."), e.g. a notice about actor constructor arguments on every run with an actor pool.
+_NATIVE_LOG = re.compile(rb"^(\x1b\[[0-9;]*m)?(\(\w+\)\s*)?(\x1b\[[0-9;]*m)?\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ [DIWEF] \d+ \d+\] ")
+
+
+@contextlib.contextmanager
+def _native_stderr_filtered():
+    """Keep Ray's native log lines off the terminal (they are in Ray's log files too): fd 2 goes
+    through a pipe whose reader passes on every other line. Python's own stderr is unaffected."""
+    real = os.dup(2)
+    r, w = os.pipe()
+    os.dup2(w, 2)
+    os.close(w)
+
+    def pump() -> None:
+        with os.fdopen(r, "rb") as src:
+            for line in src:
+                if not _NATIVE_LOG.match(line):
+                    os.write(real, line)
+
+    reader = threading.Thread(target=pump, name="recap-stderr", daemon=True)
+    reader.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(real, 2)  # closes the pipe's last write end here: the reader drains and ends
+        reader.join(5)
+        os.close(real)
+
+
 def _run_job(job, overwrite: bool, **kwargs):
     from recap.pipeline.runner import run_job
 
     if DEBUG:
-        kwargs["debug"] = True
-    return run_job(job, overwrite=overwrite, **kwargs)
+        return run_job(job, overwrite=overwrite, debug=True, **kwargs)
+    with _native_stderr_filtered():
+        return run_job(job, overwrite=overwrite, **kwargs)
 
 
 def cmd_run(args) -> int:
@@ -120,35 +155,20 @@ def cmd_serve(args) -> int:
     return EXIT_OK
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def cmd_demo(args) -> int:
     from recap.pipeline.inspect import exit_ok, format_report, inspect_dataset
     from recap.pipeline.job import load_job
     from recap.pipeline.runner import JobFailed
     from recap.world.generate import generate_world
-    from recap.world.server import serve
+    from recap.world.server import free_port, port_free, serve
 
     out = Path(args.out)
     world_dir = out / "world"
     meta = world_dir / "world.json"
     port = json.loads(meta.read_text())["port"] if meta.exists() else None
-    regenerated = port is None or not _port_free(port) or json.loads(meta.read_text()).get("samples") != args.samples
+    regenerated = port is None or not port_free(port) or json.loads(meta.read_text()).get("samples") != args.samples
     if regenerated:
-        port = port if port is not None and _port_free(port) else _free_port()
+        port = port if port is not None and port_free(port) else free_port()
         print(f"generating the demo world ({args.samples} samples) in {world_dir} ...", flush=True)
         generate_world(world_dir, samples=args.samples, heldout=args.heldout, seed=args.seed, port=port)
     overrides = [f"input.path={world_dir / 'urls.parquet'}", f"download.allow_hosts=[127.0.0.1:{port}]"]

@@ -204,7 +204,7 @@ def test_one_writer_per_dataset_and_a_dead_writer_does_not_block(world, tmp_path
 
 
 def test_nothing_kept_and_empty_input_are_said(world, tmp_path):
-    r = recap("run", DEMO, *world_args(world, "--set", "stages.0.basic.min_caption_words=1000"), "--output", "none",
+    r = recap("run", DEMO, *world_args(world, "--set", "stages.0.basic.languages=[xx]"), "--output", "none",
               "--quiet", cwd=tmp_path)
     assert r.returncode == 0 and "stage basic kept no sample" in r.stderr, r.stderr
     (tmp_path / "empty.csv").write_text("url,caption\n")

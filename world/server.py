@@ -274,6 +274,22 @@ def _trap_handler(world: WorldServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (the kernel's choice)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 @contextmanager
 def serve(world_dir: str | Path, port: int | None = None, host: str = "127.0.0.1",
           trap: bool = True) -> Iterator[WorldServer]:
