@@ -183,6 +183,8 @@ class SourceStage(Stage):
     text_column: ClassVar[str] = "caption"
     # a column that says where a sample came from (a URL, a file), shown with `recap inspect --samples`
     origin_column: ClassVar[str | None] = None
+    # a column naming each row's image member (``jpg``, ``png``, ...) when they differ from row to row
+    member_column: ClassVar[str | None] = None
 
     @classmethod
     def section(cls) -> str:
@@ -206,6 +208,13 @@ class SourceStage(Stage):
         """One output row per input row: ``uid``, the key and text columns, ``jpg`` (bytes, null
         for a dropped row), index columns, and verdicts."""
         raise NotImplementedError
+
+    def source_tar(self, batch: pa.Table) -> str | None:
+        """Read in place: the local path or fsspec URL of an existing tar holding this input shard's
+        samples as ``{key}.{member}``, which the dataset then references (with its size, checked on
+        every read) instead of writing ``shards/NNNNN.tar``. None, the default: the engine writes
+        the shard tar from the ``jpg`` column."""
+        return None
 
     def image_member(self) -> str:
         """The extension of the image member in the tar (``jpg``, ``png``, ``webp``)."""

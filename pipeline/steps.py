@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -24,6 +25,8 @@ HASH_META = b"recap.config_hash"
 # what a later stage needs to find a sample's image in the shard tar, whichever source wrote it
 IMAGE_EXT_META = b"recap.image_ext"
 KEY_COLUMN_META = b"recap.key_column"
+MEMBER_COLUMN_META = b"recap.member_column"  # per-row image member, when the source has one
+SOURCE_TAR_META = b"recap.source_tar"  # the referenced tar of a source read in place
 # Columns of the source stage that stay out of the per-sample json (bytes) or are its own keys.
 _NOT_IN_SAMPLE_JSON = {IMAGE_COLUMN}
 
@@ -119,12 +122,44 @@ def _images(ds: Dataset, shard: int, table: pa.Table) -> pa.Array:
     meta = ds.read_schema(Dataset.index_rel(shard)).metadata or {}
     ext = meta.get(IMAGE_EXT_META, b"jpg").decode()
     key = meta.get(KEY_COLUMN_META, b"key").decode()
-    members = read_tar(ds.read_bytes(Dataset.tar_rel(shard)))
-    keys = table.column(key).to_pylist() if key in table.column_names else None
-    if keys is None:
-        index = ds.read_table(Dataset.index_rel(shard), columns=["uid", key])
-        keys = _take_by_uid(table.column("uid"), index).column(key).to_pylist()
-    return pa.array([members.get(k, {}).get(ext) for k in keys], pa.binary())
+    member = meta.get(MEMBER_COLUMN_META, b"").decode() or None
+    wanted = [c for c in (key, member) if c and c not in table.column_names]
+    if wanted:
+        index = ds.read_table(Dataset.index_rel(shard), columns=["uid", *wanted])
+        taken = _take_by_uid(table.column("uid"), index)
+        table = table.select(["uid", *[c for c in (key, member) if c and c in table.column_names]])
+        for c in wanted:
+            table = table.append_column(c, taken.column(c))
+    members = read_tar(_tar_bytes(ds, shard, meta))
+    keys = table.column(key).to_pylist()
+    exts = table.column(member).to_pylist() if member else [ext] * len(keys)
+    return pa.array([members.get(k, {}).get(e) for k, e in zip(keys, exts)], pa.binary())
+
+
+class SourceChanged(RuntimeError):
+    """A tar the dataset references in place is no longer the one that was read."""
+
+
+def _tar_bytes(ds: Dataset, shard: int, meta: dict) -> bytes:
+    url = meta.get(SOURCE_TAR_META)
+    if url is None:
+        return ds.read_bytes(Dataset.tar_rel(shard))
+    url = url.decode()
+    recorded = ds.read_json(Dataset.source_rel(shard))
+    with fsspec.open(url, "rb") as f:
+        data = f.read()
+    if len(data) != recorded["size"]:
+        raise SourceChanged(f"{url}: the source shard changed since it was read ({len(data)} bytes, "
+                            f"{recorded['size']} when read): restore it, or run again with --overwrite")
+    return data
+
+
+def source_record(url: str) -> dict:
+    """What a referenced tar is checked against on every read (its size; the store's ETag or
+    mtime are informative: a copied file keeps its bytes, not its mtime)."""
+    fs, path = fsspec.core.url_to_fs(url)
+    info = fs.info(path)
+    return {"url": url, "size": int(info["size"])}
 
 
 # -- the stage call ---------------------------------------------------------------------------------
@@ -298,16 +333,23 @@ class StepRunner:
         ok = out.filter(kept)
         rows = ok.select(meta_cols).to_pylist()
         images = ok.column(IMAGE_COLUMN).to_pylist()
-        tar = write_tar(
-            (r[key], {image_ext: img, "txt": (r.get(text) or "").encode("utf-8"), "json": sample_json(r)})
-            for r, img in zip(rows, images)
-        )
-        index = _with_hash(out.select(meta_cols), spec.config_hash,
-                           {IMAGE_EXT_META: image_ext.encode(), KEY_COLUMN_META: key.encode()})
+        meta = {IMAGE_EXT_META: image_ext.encode(), KEY_COLUMN_META: key.encode()}
+        if stage.member_column:
+            meta[MEMBER_COLUMN_META] = stage.member_column.encode()
+        referenced = stage.source_tar(table)
+        if referenced is None:
+            exts = ok.column(stage.member_column).to_pylist() if stage.member_column else [image_ext] * len(rows)
+            shard_files = {Dataset.tar_rel(shard): write_tar(
+                (r[key], {e: img, "txt": (r.get(text) or "").encode("utf-8"), "json": sample_json(r)})
+                for r, img, e in zip(rows, images, exts))}
+        else:
+            meta[SOURCE_TAR_META] = referenced.encode()
+            shard_files = {Dataset.source_rel(shard): json_bytes(source_record(referenced))}
+        index = _with_hash(out.select(meta_cols), spec.config_hash, meta)
         stats = {"shard": shard_name(shard), **stage.shard_stats(out, duration)}
         ds.write_json(Dataset.stats_rel(shard), stats)  # not part of the commit: timings vary run to run
         files = {
-            Dataset.tar_rel(shard): tar,
+            **shard_files,
             Dataset.ledger_rel(spec.name, shard): table_bytes(ledger),
             Dataset.index_rel(shard): table_bytes(index),
         }

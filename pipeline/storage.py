@@ -108,6 +108,11 @@ class Dataset:
         return f"shards/{shard_name(shard)}.parquet"
 
     @staticmethod
+    def source_rel(shard: int) -> str:
+        """For a source read in place: which tar the shard references, and its size when read."""
+        return f"shards/{shard_name(shard)}.source.json"
+
+    @staticmethod
     def stats_rel(shard: int) -> str:
         return f"shards/{shard_name(shard)}_stats.json"
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import re
-from typing import ClassVar
-
 import pyarrow as pa
 from pydantic import Field
 
@@ -42,7 +40,6 @@ class BasicStage(MapStage):
         self._langid = langid.LanguageIdentifier.from_model_file(langid.MODEL_FILE, norm_probs=True)
 
     def process(self, batch: pa.Table) -> pa.Table:
-        cfg: BasicConfig = self.config
         captions = batch.column("caption").to_pylist()
         widths = batch.column("original_width").to_pylist()
         heights = batch.column("original_height").to_pylist()

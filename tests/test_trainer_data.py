@@ -1,16 +1,25 @@
 """trainer.data: teacher rows follow the replayed augmentation and the chosen text, rank x worker
 splits cover every sample once, seeded per-epoch order and online balancing, bad data counted or
-refused before training, plain img2dataset shards."""
+refused before training, plain img2dataset shards, DataCompDR's sample layout (npz and bf16
+pth.gz) and version-1 datasets."""
+import gzip
+import hashlib
 import io
+import json
+import logging
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from recap.pipeline.reinforced import apply_param_aug, iter_shard, list_shards, npz_bytes, read_config
+from recap.pipeline.reinforced import (AugConfig, ReinforcedConfig, TeacherConfig, iter_shard, list_shards, npz_bytes,
+                                       read_config, replay_augmentation, write_index)
 from recap.pipeline.reinforced.testing import make_fixture
-from recap.pipeline.shards import read_tar, write_tar
+from recap.pipeline.shards import read_tar, sample_json, write_tar
 from recap.trainer.data import OPENAI_MEAN, OPENAI_STD, DataError, ReinforcedDataset, make_loader
+from tests.test_reinforced import (DATACOMPDR_AUG, DATACOMPDR_PARAMS, OP_NAMES, _v1_dataset, bin_magnitudes,
+                                   reference_replay, v1_reference)
 
 S = 16  # image side: small and fast
 
@@ -73,7 +82,7 @@ def test_teacher_rows_follow_the_replayed_aug_and_text(idx_ds):
             seen_aug.add(k), seen_txt.add(t)
             # the image is exactly param_aug[k] replayed; the teacher row is row k (both slices)
             img = Image.open(io.BytesIO(src["jpg"])).convert("RGB")
-            want = _norm(apply_param_aug(img, src["param_aug"][k], fx["config"].aug, S))
+            want = _norm(replay_augmentation(img, src["param_aug"][k], fx["config"].aug, size=S))
             assert torch.allclose(b["image"][r], want, atol=1e-5)
             assert int(b["teacher_image"][r, :8].argmax()) == k == int(b["teacher_image"][r, 8:].argmax())
             # text row t of [GT] + syn_text, and its teacher row
@@ -294,3 +303,99 @@ def test_resampled_over_only_bad_shards_ends(tmp_path):
     (d / "00000.tar").write_bytes(b"garbage" * 100)
     ds = ReinforcedDataset(str(d), image_size=S, resampled=True)
     assert _all(ds) == [] and ds.stats["resampled_no_data"] == 1 and ds.stats["truncated_shard"] >= 16
+
+
+def _datacompdr_shard(path, n=4, n_aug=30, n_syn=5, dims=(768, 768), emb="npz", seed=0):
+    """One shard laid out as DataCompDR-12M publishes its samples (joined with DataComp-12M's image
+    and caption): url.txt, json {uid, sha256}, syn.json {syn_text: 5}, paug.json {param_aug: 30
+    entries in the compressed layout, 224 px magnitudes}, npz {image_emb [30, 1536], text_emb
+    [1 + 5, 1536]} (float32), or DataCompDR-1B's pth.gz (the same, bf16 torch tensors, gzipped)."""
+    g = np.random.default_rng(seed)
+    table = bin_magnitudes(224)
+    groups, want = [], {}
+    for k in range(n):
+        w, h = (1000, 720) if k == 0 else (int(g.integers(60, 400)), int(g.integers(60, 400)))
+        buf = io.BytesIO()
+        Image.fromarray(g.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=95)
+        jpg = buf.getvalue()
+        paug = list(DATACOMPDR_PARAMS) if k == 0 else []
+        while len(paug) < n_aug:
+            bh, bw = int(g.integers(1, h + 1)), int(g.integers(1, w + 1))
+            ops = []
+            for _ in range(2):
+                idx = int(g.integers(len(OP_NAMES)))
+                values, signed = table[OP_NAMES[idx]]
+                m = values[9] if values else 0.0
+                ops.append([idx, -m if signed and g.integers(2) else m])
+            paug.append([[int(g.integers(0, h - bh + 1)), int(g.integers(0, w - bw + 1)), bh, bw], ops])
+
+        def unit(rows):
+            x = g.standard_normal((rows, sum(dims))).astype(np.float32)
+            at = 0
+            for d in dims:
+                x[:, at:at + d] /= np.linalg.norm(x[:, at:at + d], axis=1, keepdims=True)
+                at += d
+            return x
+
+        arrays = {"image_emb": unit(n_aug), "text_emb": unit(1 + n_syn)}
+        if emb == "npz":
+            member = npz_bytes(arrays)
+        else:
+            raw = io.BytesIO()
+            torch.save({k2: torch.from_numpy(v).bfloat16() for k2, v in arrays.items()}, raw)
+            member = gzip.compress(raw.getvalue())
+            arrays = {k2: torch.from_numpy(v).bfloat16().float().numpy() for k2, v in arrays.items()}
+        uid = hashlib.md5(f"{seed}/{k}".encode()).hexdigest()
+        syn = [f"synthetic caption {c} of image {k}" for c in range(n_syn)]
+        groups.append((uid, {"jpg": jpg, "txt": f"caption of image {k}".encode(), "url.txt": b"https://x.invalid/i.jpg",
+                             "json": json.dumps({"uid": uid, "sha256": hashlib.sha256(jpg).hexdigest()}).encode(),
+                             "syn.json": json.dumps({"syn_text": syn}).encode(),
+                             "paug.json": json.dumps({"param_aug": paug}).encode(), emb: member}))
+        want[uid] = {"jpg": jpg, "paug": paug, "texts": [f"caption of image {k}", *syn], **arrays}
+    path.mkdir(parents=True)
+    (path / "00000000.tar").write_bytes(write_tar(groups))
+    return want
+
+
+@pytest.mark.parametrize("emb", ["npz", "pth.gz"])
+def test_datacompdr_sample_layout_trains(tmp_path, emb):
+    root = tmp_path / "dr"
+    want = _datacompdr_shard(root / "shards", emb=emb)
+    config = ReinforcedConfig(teachers=[TeacherConfig(name="ViT-L-14", pretrained="openai", dim=768),
+                                        TeacherConfig(name="ViT-L-14", pretrained="datacomp_xl_s13b_b90k", dim=768)],
+                              aug=AugConfig(image_size=224, interpolation="bicubic", n_aug=30))
+    assert config.reinforce == {"image_augmentation": DATACOMPDR_AUG}
+    write_index(str(root), config, [])
+    for epoch in range(2):
+        ds = ReinforcedDataset(str(root), epoch=epoch, image_size=224, tokenizer=tok, text_choice="uniform",
+                               use_teacher=True, expected_dim=1536)
+        batches = _all(ds, batch_size=2)
+        assert sorted(_uids(batches)) == sorted(want) and not ds.stats
+        for b in batches:
+            for r, uid in enumerate(b["uid"]):
+                src, k, t = want[uid], int(b["aug_index"][r]), int(b["text_index"][r])
+                img = Image.open(io.BytesIO(src["jpg"])).convert("RGB")
+                ref = _norm(reference_replay(img, src["paug"][k], 224, "bicubic"))
+                assert torch.allclose(b["image"][r], ref, atol=1e-5)
+                np.testing.assert_array_equal(b["teacher_image"][r].numpy(), src["image_emb"][k])
+                np.testing.assert_array_equal(b["teacher_text"][r].numpy(), src["text_emb"][t])
+                assert untok(b["text"][r]) == src["texts"][t] and b["text_source"][r] == ("gt" if t == 0 else "syn")
+
+
+def test_version_1_datasets_still_train(tmp_path, caplog):
+    root = tmp_path / "v1"
+    images = _v1_dataset(root, n=6, size=S)
+    aug = json.loads((root / "config.json").read_text())["aug"]
+    with caplog.at_level(logging.WARNING, logger="recap.pipeline.reinforced"):
+        for epoch in range(3):
+            ds = ReinforcedDataset(str(root), epoch=epoch, image_size=S, use_teacher=True, tokenizer=tok)
+            batches = _all(ds, batch_size=3, workers=2 if epoch == 2 else 0)
+            assert sorted(_uids(batches)) == sorted(images) and not ds.stats
+            for b in batches:
+                for r, uid in enumerate(b["uid"]):
+                    img, paug = images[uid]
+                    k = int(b["aug_index"][r])
+                    assert torch.allclose(b["image"][r], _norm(v1_reference(img.convert("RGB"), paug[k], aug)),
+                                          atol=1e-5)
+                    assert int(b["teacher_image"][r].argmax()) == k
+    assert len([r for r in caplog.records if "version 1" in r.getMessage()]) == 1

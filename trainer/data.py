@@ -10,7 +10,8 @@ than fatal, and every random choice is a pure function of (seed, epoch, uid):
 - a shuffle buffer (seeded by (seed, epoch, rank, worker)) over the raw samples;
 - online MetaCLIP balancing: a sample enters the epoch iff u(seed, epoch, uid) < json.balance_prob;
 - the augmentation: one of the N_aug stored ``param_aug`` entries, chosen by u(seed, epoch, uid),
-  replayed exactly; the teacher image embedding is that entry's row;
+  replayed exactly as ml-mobileclip's ``reapply`` does (version-1 entries converted by the reader);
+  the teacher image embedding is that entry's row;
 - the text: GT, or one of [GT] + syn_text (per-source weights), chosen by u(seed, epoch, uid); the
   teacher text embedding is that text's row (0 = GT);
 - plain shards (no config.json): GT text only, no teacher, and open_clip's training crop
@@ -31,8 +32,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from recap.pipeline import rng
-from recap.pipeline.reinforced import (PLAIN_AUG, ReinforcedConfig, ReinforcedFormatError, apply_param_aug, check_param,
-                                 decode_sample, find_config, iter_raw, list_shards, read_sizes, sample_param_aug)
+from recap.pipeline.reinforced import (PLAIN_AUG, ReinforcedConfig, ReinforcedFormatError, check_param, decode_sample,
+                                       find_config, iter_raw, list_shards, read_sizes, replay_augmentation,
+                                       sample_param_aug)
 from recap.trainer.tags import tag_ids
 
 # open_clip.constants.OPENAI_DATASET_MEAN / _STD (copied: importing open_clip costs seconds per worker)
@@ -304,7 +306,7 @@ class ReinforcedDataset(IterableDataset):
                 k, aug_cfg = -1, PLAIN_AUG
                 param = sample_param_aug(img.width, img.height, aug_cfg, self.seed, uid, 1,
                                          stage=f"train/{self.epoch}")[0]
-            pil = apply_param_aug(img, param, aug_cfg, self.image_size)
+            pil = replay_augmentation(img, param, aug_cfg, size=self.image_size)
         except (ReinforcedFormatError, ValueError, TypeError, IndexError):
             stats["bad_paug"] += 1
             return None

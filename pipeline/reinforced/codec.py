@@ -1,7 +1,8 @@
 """One sample <-> its tar members ``{ext: bytes}``: validation on the way in, a tolerant decode on
-the way out, and the npz of embeddings with deterministic bytes."""
+the way out, and the embeddings (npz, or DataCompDR's bf16 ``pth.gz``) with deterministic bytes."""
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import zipfile
@@ -11,12 +12,13 @@ from typing import Any
 
 import numpy as np
 
-from recap.pipeline.reinforced.augment import check_param
-from recap.pipeline.reinforced.config import ReinforcedConfig, ReinforcedFormatError
+from recap.pipeline.reinforced.augment import check_param, upgrade_v1
+from recap.pipeline.reinforced.config import VERSION, ReinforcedConfig, ReinforcedFormatError
 from recap.pipeline.shards import sample_json, write_tar
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 EMB_FIELDS = ("image_emb", "text_emb", "neg_text_emb")
+EMB_MEMBERS = ("npz", "pth.gz")
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -38,6 +40,37 @@ def load_npz(data: bytes) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files}
 
 
+def pth_gz_bytes(arrays: dict[str, np.ndarray], dtype: str = "bfloat16") -> bytes:
+    """DataCompDR's ``pth.gz``: a gzipped ``torch.save`` of ``{name: tensor}`` (bfloat16 by default).
+    torch's zip records carry no time and gzip's mtime is fixed: same arrays, same bytes."""
+    import torch
+
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(arrays[k], dtype=np.float32)).to(getattr(torch, dtype))
+               for k in sorted(arrays)}
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    return gzip.compress(buf.getvalue(), compresslevel=6, mtime=0)
+
+
+def load_pth_gz(data: bytes) -> dict[str, np.ndarray]:
+    """The arrays of a ``pth.gz`` member (tensors or nested lists); bfloat16 comes back as float32,
+    which numpy can hold. Only plain tensors and containers are unpickled (``weights_only``).
+    ValueError for anything that is not such a file."""
+    import torch
+
+    try:
+        obj = torch.load(io.BytesIO(gzip.decompress(data)), map_location="cpu", weights_only=True)
+        if not isinstance(obj, dict):
+            raise ValueError(f"a {type(obj).__name__}, not a dict")
+        out = {}
+        for k, v in obj.items():
+            t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+            out[str(k)] = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+        return out
+    except Exception as e:  # gzip, zip, unpickling and torch errors all mean "not a pth.gz"
+        raise ValueError(f"not a pth.gz of tensors: {e}") from None
+
+
 def _check_rows(uid: str, name: str, arr: Any, rows: int, dim: int, config: ReinforcedConfig,
                 why: str) -> np.ndarray:
     a = np.asarray(arr)
@@ -54,7 +87,8 @@ def _check_rows(uid: str, name: str, arr: Any, rows: int, dim: int, config: Rein
     for tname, sl in config.slices():
         if rows and not np.allclose(np.linalg.norm(a[:, sl].astype(np.float64), axis=1), 1.0, atol=1e-2):
             raise ReinforcedFormatError(f"sample {uid}: {name}: teacher {tname!r} slice is not L2-normalised")
-    return a.astype(config.emb_dtype)
+    # bfloat16 exists only in torch: the pth.gz writer casts
+    return a.astype(np.float32 if config.emb_dtype == "bfloat16" else config.emb_dtype)
 
 
 def _str_list(uid: str, field: str, v: Any) -> list:
@@ -69,6 +103,8 @@ def encode_sample(sample: dict, config: ReinforcedConfig) -> tuple[str, dict[str
     Keys: ``uid`` (str), ``jpg`` (bytes), ``txt`` (str) required; optional ``url`` (str),
     ``json`` (dict), ``param_aug`` (list), ``syn`` (dict), ``neg`` (dict), ``image_emb``,
     ``text_emb``, ``neg_text_emb`` (arrays). Errors name the uid and the field."""
+    if config.version != VERSION:
+        raise ReinforcedFormatError(f"config version {config.version}: only version {VERSION} is written")
     uid = sample.get("uid")
     if not isinstance(uid, str) or not uid or any(c in uid for c in "./\\") or uid != uid.strip():
         raise ReinforcedFormatError(f"sample uid {uid!r}: must be a non-empty string without '.', '/' or spaces")
@@ -131,7 +167,8 @@ def encode_sample(sample: dict, config: ReinforcedConfig) -> tuple[str, dict[str
         arrays["neg_text_emb"] = _check_rows(uid, "neg_text_emb", sample["neg_text_emb"], n_neg, D, config,
                                              "len(neg_text_short)")
     if arrays:
-        members["npz"] = npz_bytes(arrays)
+        members[config.emb_format] = npz_bytes(arrays) if config.emb_format == "npz" else \
+            pth_gz_bytes(arrays, config.emb_dtype)
     for ext, data in (sample.get("extra") or {}).items():
         members.setdefault(ext, bytes(data))
     return uid, members
@@ -159,7 +196,11 @@ def decode_sample(key: str, members: dict[str, bytes], stats: Counter | None = N
                   decode_npz: bool = True) -> dict | None:
     """Decode one group into a sample dict (the writer's input shape, plus ``shard_key``), or None
     with the reason counted in ``stats``: ``missing_<member>``, ``bad_<member>`` (undecodable),
-    ``bad_shapes`` (rows disagree with param_aug/syn/neg), ``bad_emb_dim`` (width != config dim)."""
+    ``bad_shapes`` (rows disagree with param_aug/syn/neg), ``bad_emb_dim`` (width != config dim).
+
+    With ``config``, param_aug comes in the current layout: a version-1 dataset's entries are
+    converted (one it refused counts ``bad_paug``). Embeddings come from ``npz``, else ``pth.gz``
+    (as DataCompDR's loader prefers); ``decode_npz=False`` skips both."""
     stats = stats if stats is not None else Counter()
     image_ext = next((e for e in IMAGE_EXTS if e in members), None)
     for r in required:
@@ -178,20 +219,28 @@ def decode_sample(key: str, members: dict[str, bytes], stats: Counter | None = N
         if not isinstance(s["json"], dict):
             raise ValueError("not an object")
         field = "paug"
-        s["param_aug"] = _json(members["paug.json"])["param_aug"] if "paug.json" in members else None
+        paug = _json(members["paug.json"])["param_aug"] if "paug.json" in members else None
+        if isinstance(paug, str):  # the Hub's DataCompDR loader hands it over as a JSON string
+            paug = json.loads(paug)
+        if paug is not None and config is not None and config.version == 1:
+            paug = [upgrade_v1(p, config.aug) for p in paug]
+        s["param_aug"] = paug
         field = "syn"
         s["syn"] = _json(members["syn.json"]) if "syn.json" in members else None
         field = "neg"
         s["neg"] = _json(members["neg.json"]) if "neg.json" in members else None
         field = "npz"
         arrays = load_npz(members["npz"]) if "npz" in members and decode_npz else {}
+        field = "pth_gz"
+        if not arrays and "pth.gz" in members and decode_npz:
+            arrays = load_pth_gz(members["pth.gz"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError, zipfile.BadZipFile, OSError, EOFError):
         stats[f"bad_{field}"] += 1
         return None
     for f in EMB_FIELDS:
         s[f] = arrays.get(f)
     s["extra"] = {e: d for e, d in members.items()
-                  if e not in (image_ext, "txt", "url.txt", "json", "paug.json", "syn.json", "neg.json", "npz")}
+                  if e not in (image_ext, "txt", "url.txt", "json", "paug.json", "syn.json", "neg.json", *EMB_MEMBERS)}
     # rows must agree with what they index
     n_syn = len((s["syn"] or {}).get("syn_text", []))
     n_neg = len((s["neg"] or {}).get("neg_text_short", []))

@@ -3,6 +3,7 @@ and the samples of one shard. Tolerant: bad data is counted in ``stats``, never 
 from __future__ import annotations
 
 import json
+import logging
 import tarfile
 import zipfile
 from collections import Counter
@@ -11,8 +12,12 @@ from collections.abc import Iterator, Sequence
 import fsspec
 
 from recap.pipeline.reinforced.codec import decode_sample
-from recap.pipeline.reinforced.config import ReinforcedConfig, ReinforcedFormatError
+from recap.pipeline.reinforced.config import VERSION, ReinforcedConfig, ReinforcedFormatError
 from recap.pipeline.reinforced.layout import CONFIG_FILE, SHARDS_DIR, SIZES_FILES, join
+
+log = logging.getLogger(__name__)
+# configs already reported as old: a trainer opens its dataset again every epoch
+_told_old: set[str] = set()
 
 
 def _read(url: str) -> bytes:
@@ -30,9 +35,14 @@ def read_config(url: str) -> ReinforcedConfig:
     except ValueError as e:
         raise ReinforcedFormatError(f"{path}: not valid JSON ({e})") from None
     try:
-        return ReinforcedConfig.model_validate(raw)
+        config = ReinforcedConfig.model_validate(raw)
     except Exception as e:  # pydantic ValidationError: name the file
         raise ReinforcedFormatError(f"{path}: {e}") from None
+    if config.version < VERSION and path not in _told_old:
+        _told_old.add(path)
+        log.warning("%s: format version %d (param_aug magnitude bins); its entries are converted to version %d "
+                    "(DataCompDR's magnitude values) as they are read", path, config.version, VERSION)
+    return config
 
 
 def find_config(url: str) -> tuple[ReinforcedConfig | None, str | None]:
@@ -145,7 +155,8 @@ def iter_shard(url: str, stats: Counter | None = None, required: Sequence[str] =
                config: ReinforcedConfig | None = None, expected_n: int | None = None) -> Iterator[dict]:
     """Decoded samples of one shard, in tar order. Tolerant: samples that lack a required member or
     do not decode are skipped and counted in ``stats`` (reason -> n); a truncated tar ends the shard
-    with a counted error. Never raises for bad data."""
+    with a counted error. Never raises for bad data. Pass the dataset's ``config`` to get param_aug
+    in the current layout whatever the version it was written in."""
     stats = stats if stats is not None else Counter()
     for key, members in iter_raw(url, stats, expected_n):
         s = decode_sample(key, members, stats, required, config)

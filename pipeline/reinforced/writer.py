@@ -7,13 +7,20 @@ from collections.abc import Iterable, Sequence
 
 from recap.pipeline.atomic import write_atomic
 from recap.pipeline.reinforced.codec import encode_shard
-from recap.pipeline.reinforced.config import ReinforcedConfig
+from recap.pipeline.reinforced.config import VERSION, ReinforcedConfig, ReinforcedFormatError
 from recap.pipeline.reinforced.layout import CONFIG_FILE, MANIFEST_FILE, SHARDS_DIR, SIZES_FILES, join, shard_file
+
+
+def _current(config: ReinforcedConfig) -> None:
+    # older versions are read (and converted), never written: their shards would mix layouts
+    if config.version != VERSION:
+        raise ReinforcedFormatError(f"config version {config.version}: only version {VERSION} is written")
 
 
 def write_index(out: str, config: ReinforcedConfig, entries: Sequence[dict]) -> None:
     """Write config.json, sizes.json (top level and shards/, where open_clip looks) and
     manifest.jsonl from shard entries ``{"name", "n", ...}`` (sorted by name)."""
+    _current(config)
     entries = sorted(entries, key=lambda e: e["name"])
     sizes = json.dumps({e["name"]: int(e["n"]) for e in entries}, indent=1, sort_keys=True).encode()
     for rel in SIZES_FILES:
@@ -32,6 +39,7 @@ class ReinforcedWriter:
     def __init__(self, out: str, config: ReinforcedConfig | dict):
         self.out = str(out).rstrip("/")
         self.config = config if isinstance(config, ReinforcedConfig) else ReinforcedConfig.model_validate(config)
+        _current(self.config)
         self.entries: dict[str, dict] = {}
         self.closed = False
 
