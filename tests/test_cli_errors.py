@@ -213,3 +213,37 @@ def test_nothing_kept_and_empty_input_are_said(world, tmp_path):
     assert r.returncode == 0 and "the input has no rows" in r.stderr, r.stderr
     r = recap("--version", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("recap ")
+
+
+def test_tsv_captions_with_quotes_and_a_broken_csv(world, tmp_path):
+    import pyarrow.parquet as pq
+
+    w, _ = world
+    urls = [r["url"] for r in pq.read_table(w / "urls.parquet").to_pylist() if r["url"].startswith("http://127.0.0.1")][:6]
+    captions = ["a red circle", "a blue square", '"Look at this" a green star', "two circles", '"unclosed quote',
+                "a white disc"]
+    tsv = tmp_path / "urls.tsv"
+    tsv.write_text("url\tcaption\n" + "".join(f"{u}\t{c}\n" for u, c in zip(urls, captions)))
+    r = recap("run", DEMO, *world_args(world), "--set", f"input.path={tsv}", "--set", "stages=[]", "--output", "t",
+              "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(recap("inspect", tmp_path / "t", "--json", cwd=tmp_path).stdout)
+    assert rep["stages"]["download"]["in"] == 6
+    csv = tmp_path / "urls.csv"
+    csv.write_text("url,caption\n" + "".join(f'{u},"{c}"\n' for u, c in zip(urls[:3], ["a, b", "c", "d"]))
+                   + f'{urls[3]},"never closed\n{urls[4]},fine\n')
+    r = recap("run", DEMO, *world_args(world), "--set", f"input.path={csv}", "--output", "c", cwd=tmp_path)
+    assert r.returncode == 2 and "urls.csv: line 5" in r.stderr, r.stderr
+    no_traceback(r)
+
+
+def test_stages_left_from_an_earlier_run_are_named(finished, world, tmp_path):
+    import shutil
+
+    _, ds, _ = finished
+    copy = tmp_path / "copy"
+    shutil.copytree(ds, copy)
+    r = recap("run", DEMO, *world_args(world), "--set", "stages=[basic]", "--output", copy, "--quiet", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "stages/balance is from an earlier run" in r.stderr and "stages/dedup is from an earlier run" in r.stderr
+    assert (copy / "stages/balance/state.json").exists()

@@ -275,7 +275,10 @@ def _trap_handler(world: WorldServer) -> type[BaseHTTPRequestHandler]:
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether the world's server could listen there now (it sets SO_REUSEADDR too, so a port an
+    earlier run left in TIME_WAIT counts as free)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
             return True
