@@ -20,7 +20,7 @@ from recap.pipeline.lease import Lease
 from recap.pipeline.manifest import write_manifest
 from recap.pipeline.progress import Progress
 from recap.pipeline.stage import SourceStage, StageContext, get_stage_class
-from recap.pipeline.stage_data import output_rel, partial_rel, state_rel
+from recap.pipeline.stage_data import StageData, output_rel, partial_rel, state_rel
 from recap.pipeline.preflight import (DERIVED, PLAN, check_address, check_dataset, input_fingerprint,
                                       plan_input)
 from recap.pipeline.steps import StepFailure, StepRunner, StepSpec, config_hash
@@ -179,6 +179,7 @@ def _reduce(spec: StepSpec, n_shards: int) -> None:
     def reduce_task(spec: StepSpec, n: int) -> None:
         import json
         stage = spec.stage_cls(spec.config, spec.context)
+        stage.data = StageData(spec.dataset, spec.name, n)  # what reduce may read beyond the partials
         stage.setup()
         partials = []
         for shard in range(n):

@@ -142,6 +142,7 @@ class GlobalStage(Stage):
 
     kind = "global"
     default_batch_size = 1 << 20  # apply sees whole shards unless the config says otherwise
+    data: StageData | None = None  # set by the engine for reduce
 
     def carry(self) -> tuple[str, ...]:
         """Per-row columns ``partial`` computes and ``apply`` gets back (see ``partial``)."""
@@ -157,7 +158,10 @@ class GlobalStage(Stage):
 
     def reduce(self, partials: list[Any]) -> Any:
         """Combine all partials (in shard order) into a JSON-serialisable state. Runs in a Ray task
-        with the stage's resources, after setup()."""
+        with the stage's resources, after setup(). ``self.data`` (a ``StageData``) reads the rows
+        the partials carried, shard by shard, when the partials alone are not enough (an exact
+        quantile: the histograms find the cut's bin, the carried rows settle it), so the partials
+        stay small at any scale."""
         raise NotImplementedError
 
     def reduce_outputs(self, state: Any) -> dict[str, bytes]:
