@@ -141,6 +141,7 @@ def resolve_job_paths(model: type[BaseModel], cfg: dict, base_dir: Path | None) 
         return cfg
     out = dict(cfg)
     for name, field in model.model_fields.items():
+        name = field.alias or name  # the key as the job file spells it
         value = out.get(name)
         if not isinstance(value, str) or "://" in value or Path(value).is_absolute():
             continue

@@ -9,7 +9,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PACKAGE_DIRS = PYPROJECT["tool"]["setuptools"]["package-dir"]  # recap.X -> folder
-ABOVE_ENGINE = ("recap.stages", "recap.trainer", "recap.metadata", "recap.world", "recap.cli", "recap.jobs")
+ABOVE_ENGINE = ("recap.stages", "recap.trainer", "recap.metadata", "recap.world", "recap.cli", "recap.jobs",
+                "recap.models")
 
 
 def _modules() -> dict[str, Path]:
@@ -98,7 +99,7 @@ def _code_strings(path: Path) -> list[tuple[int, str]]:
 
 def test_the_engine_names_no_stage_and_no_download_convention():
     stages = [ep.name for ep in __import__("importlib.metadata").metadata.entry_points(group="recap.stages")]
-    assert {"download", "basic", "dedup", "balance"} <= set(stages)
+    assert {"download", "basic", "dedup", "balance", "clip", "filter"} <= set(stages)
     forbidden = set(stages) | {"success", "failed_to_download", "failed_to_resize"}
     hits = []
     for name, path in MODULES.items():

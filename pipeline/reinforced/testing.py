@@ -90,7 +90,7 @@ def make_fixture(out: str, n_samples: int, n_shards: int = 1, dims: Sequence[int
         neg_short = [f"negative {k} of image {i}" for k in range(n_neg)]
         bp = balance_prob(i) if callable(balance_prob) else balance_prob
         meta = {"uid": uid, "sha256": hashlib.sha256(jpg).hexdigest(), "width": width, "height": height,
-                "scores": {"clip": round(float(g.uniform(0.1, 0.4)), 6)}, "matched_entries": []}
+                "scores": {"clip_score": round(float(g.uniform(0.1, 0.4)), 6)}, "matched_entries": []}
         if bp is not None:
             meta["balance_prob"] = float(bp)
         s = {"uid": uid, "jpg": jpg, "txt": caption, "url": url, "json": meta,
