@@ -42,7 +42,11 @@ def count_entries(matches, n_entries: int) -> np.ndarray:
 
 def entry_probabilities(counts: np.ndarray, t: float) -> np.ndarray:
     """p[e] = min(1, t / count[e]) — upstream's ``count_to_prob`` (counts below t are raised to t).
-    Entries with count 0 get 1 (0 when t ≤ 0, where upstream divides 0 by 0); no division warnings."""
+    Entries with count 0 get 1 (0 when t ≤ 0, where upstream divides 0 by 0); no division warnings.
+
+    t is a real number. Upstream raises the counts in place, in their integer array, so a fractional
+    t is truncated there (t = 2.5: counts below it become 2, p = 1.25); for the integer t upstream
+    always has, both agree. A deliberate difference: a t solved from a target size is fractional."""
     c = np.asarray(counts, dtype=np.float64)
     t = float(t)
     if t <= 0:

@@ -31,7 +31,8 @@ def cjkish(ch):
 
 
 def naive_match(entries, text, mode="metaclip1"):
-    t = naive_norm(text)
+    # MetaCLIP 2's curate.py strips the text before substr_match; MetaCLIP 1's indexing does not
+    t = naive_norm(text.strip() if mode == "metaclip2" else text)
     out = []
     for i, e in enumerate(entries):
         if not e:
@@ -127,6 +128,147 @@ def test_bad_texts_never_crash():
     assert m.match_arrow(chunked).to_pylist() == [[0, 1, 11], [], [1, 4, 11]]
     assert m.match_arrow(pa.chunked_array([], pa.string())).to_pylist() == []
     assert m.match_arrow(pa.array(["dog"], pa.large_string())).to_pylist() == [[1, 11]]
+
+
+# -- whitespace at the ends: MetaCLIP 2 strips (curate.py), MetaCLIP 1 matches the raw text ----------
+
+UNICODE_SPACES = ["\u3000", "\u00a0", "\u2009", "\u3000 \t\u00a0", "\u2009\n\u3000", "\u202f\u2028\x1c"]
+
+
+@pytest.mark.parametrize("ws", UNICODE_SPACES)
+def test_whitespace_ends_follow_each_modes_upstream(ws):
+    texts = [ws + "dog", "hot dog" + ws, ws + "hot dog" + ws, ws + "dog " + ws, ws + " dog", ws, ws + "!" + ws]
+    for mode in ("metaclip1", "metaclip2"):
+        m = Matcher(ENTRIES, mode=mode)
+        want = [naive_match(ENTRIES, t, mode) for t in texts]
+        assert m.match(texts) == want
+        assert m.match_arrow(pa.array(texts)).to_pylist() == want
+        assert [m.match_one(t) for t in texts] == want
+    m1, m2 = Matcher(ENTRIES), Matcher(ENTRIES, mode="metaclip2")
+    names = lambda m, t: sorted(ENTRIES[i] for i in m.match_one(t))  # noqa: E731
+    assert names(m2, ws + "dog") == ["dog", "dog"] and names(m2, "hot dog" + ws) == ["dog", "dog", "hot dog"]
+    assert names(m2, ws + "!" + ws) == ["!"]
+    if ws[-1] not in " \t\n\r":  # against the word, a space spacing keeps: MetaCLIP 1 sees no boundary
+        assert names(m1, ws + "dog") == []
+    if ws[0] not in " \t\n\r":
+        assert names(m1, "hot dog" + ws) == []
+    assert names(m1, ws + " dog") == names(m2, ws + " dog") == ["dog", "dog"]  # an ASCII space is a boundary anyway
+
+
+def test_metaclip2_strips_exactly_what_str_strip_strips():
+    import sys
+    spaces = [chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()]
+    assert len(spaces) == 29
+    not_spaces = ["\u200b", "\ufeff", "\u180e", "\u2060", "\x00"]
+    texts = [c + "dog" + c for c in spaces + not_spaces]
+    m2 = Matcher(["dog"], mode="metaclip2")
+    assert m2.match(texts) == [[0]] * len(spaces) + [[]] * len(not_spaces)
+    assert m2.match_arrow(pa.array(texts)).to_pylist() == m2.match(texts)
+    m1 = Matcher(["dog"])
+    assert m1.match(texts) == [[0] if c in " \t\n\r" else [] for c in spaces + not_spaces]  # only what spacing spaces
+
+
+def test_ascii_space_ends_matter_only_to_entries_that_begin_or_end_with_a_space():
+    entries = ["dog", " dog", "dog ", "hot dog"]
+    texts = [" dog", "dog\t", "\n hot dog \r", "  dog  "]
+    m1, m2 = Matcher(entries), Matcher(entries, mode="metaclip2")
+    assert m1.match(texts) == [[0, 1], [0, 2], [0, 2, 3], [0, 1, 2]]
+    assert m2.match(texts) == [[0], [0], [0, 3], [0]]
+    assert m2.match(texts) == [naive_match(entries, t, "metaclip2") for t in texts]
+
+
+# -- deliberate differences from upstream's code ------------------------------------------------------
+
+def _upstream_automaton(entries):
+    """Upstream's automaton build (substr_matching_ahocorasick.py): add_word per entry, in order."""
+    import ahocorasick
+    a = ahocorasick.Automaton()
+    for i, e in enumerate(entries):
+        a.add_word(f" {e} ", (i, e))
+    a.make_automaton()
+    return a
+
+
+@pytest.mark.parametrize("mode", ["metaclip1", "metaclip2"])
+def test_every_copy_of_a_duplicated_entry_matches(mode):
+    entries = ["dog", "cat", "dog", "hot dog", "dog"]
+    m = Matcher(entries, mode=mode)
+    assert m.match_one("a hot dog") == [0, 2, 3, 4] == naive_match(entries, "a hot dog", mode)  # the reference loop
+    assert m.match_arrow(pa.array(["dog", "cat", None])).to_pylist() == [[0, 2, 4], [1], []]
+    # upstream's automaton keeps the last id only: add_word on an existing key replaces its value
+    assert sorted({i for _, (i, _) in _upstream_automaton(entries).iter(naive_norm("a hot dog"))}) == [3, 4]
+
+
+@pytest.mark.parametrize("mode", ["metaclip1", "metaclip2"])
+def test_the_empty_entry_never_matches(mode):
+    m = Matcher(["", "dog", ""], mode=mode)
+    texts = ["a, b.", "", "  ", "dog.", "x,,y", " dog "]
+    assert m.match(texts) == [[], [], [], [1], [], [1]]
+    # upstream MetaCLIP 1's key for it is two spaces, which spacing makes of every one of these texts
+    assert all(f" {''} " in naive_norm(t) for t in texts)
+    assert "  " not in naive_norm("x,y") and "  " not in naive_norm("dog")
+
+
+@pytest.mark.parametrize("mode", ["metaclip1", "metaclip2"])
+def test_missing_texts_match_nothing(mode):
+    m = Matcher(["None", "dog"], mode=mode)
+    assert m.match([None, "None", "dog"]) == [[], [0], [1]]
+    assert m.match_arrow(pa.array([None, "None", None, "dog"])).to_pylist() == [[], [0], [], [1]]
+    assert m.match_one(None) == []
+    assert f" {None} " == " None "  # what upstream's f-string would have matched
+
+
+def test_a_fractional_t_is_a_real_threshold():
+    counts = np.array([0, 1, 2, 3, 5, 10])
+    assert entry_probabilities(counts, 2.5).tolist() == [1.0, 1.0, 1.0, 2.5 / 3, 0.5, 0.25]
+    # upstream's count_to_prob writes t into the integer counts (2.5 -> 2): p = 1.25 below t
+    upstream = counts.copy()
+    upstream[upstream < 2.5] = 2.5
+    assert (2.5 / upstream).tolist()[:3] == [1.25, 1.25, 1.25]
+    for t in (1, 3, 7):  # an integer t, as upstream's always is: the same p
+        upstream = counts.copy()
+        upstream[upstream < t] = t
+        assert entry_probabilities(counts, t).tolist() == (t / upstream).tolist()
+
+
+# -- keys the matcher rewrites or drops, tokens of every length, odd bytes -----------------------------
+
+@pytest.mark.parametrize("mode", ["metaclip1", "metaclip2"])
+def test_keys_with_marks_spaces_and_long_tokens(mode):
+    entries = ["!", "! a", "a !", "!!", ".猫", "猫.", "U.S.", "?x", "x?", "C++", "a.b", ",", "` `",
+               " dog", "dog ", "a  b", "   ", "abcdefg", "abcdefgh", "abcdefghi", "abcdefghijklmnop",
+               "abcdefghijklmnopq", "internationalization", "hot internationalization", "a\x00", "\x00", "a\x00b",
+               "ខ្មែរ", "မြန်မာ ខ្មែរ", "a\ud800b", "tab\there"]
+    texts = ["wow! a", "a ! b !!", "猫.猫", "a.猫 猫.", "the U.S. and x? ?x", "C++code", "a,b , ` `", "  dog  ",
+             "dog  x", "a  b a b", "       ", "abcdefg abcdefgh abcdefghi", "abcdefghijklmnop abcdefghijklmnopq",
+             "abcdefghijklmnopqr abcdefghijklmnoq", "hot internationalization!", "internationalizatio",
+             "a\x00 \x00 a\x00b a", "ខ្មែរ မြန်မာ ខ្មែរ", "x a\ud800b y", "tab\there", "abcdefgh\tabcdefgh"]
+    m = Matcher(entries, mode=mode)
+    want = [naive_match(entries, t, mode) for t in texts]
+    assert m.match(texts) == want
+    assert sum(map(len, want)) > 20
+    ok = [t for t in texts if "\ud800" not in t]  # Arrow strings cannot hold lone surrogates
+    assert m.match_arrow(pa.array(ok)).to_pylist() == [w for t, w in zip(texts, want) if "\ud800" not in t]
+
+
+def test_large_batches_and_many_entries_agree_with_the_reference(monkeypatch):
+    r = random.Random(5)
+    words = ["".join(r.choice("abcdefghij") for _ in range(r.randint(1, 12))) for _ in range(3000)]
+    entries = list(dict.fromkeys(words[:1500] + [f"{r.choice(words)} {r.choice(words)}" for _ in range(1500)]
+                                 + [" ".join(r.choice(words) for _ in range(r.randint(3, 6))) for _ in range(200)]))
+    texts = [" ".join(r.choice(words) for _ in range(r.randint(0, 25))) + r.choice(["", ".", "!", "\u3000"])
+             for _ in range(2000)]
+    for mode in ("metaclip1", "metaclip2"):
+        m = Matcher(entries, mode=mode)
+        want = [naive_match(entries, t, mode) for t in texts[:300]]
+        got = m.match_arrow(pa.array(texts)).to_pylist()
+        assert got[:300] == want and m.match(texts) == got
+        assert sum(map(len, want)) > 1000
+        assert m.match_arrow(pa.array(texts).slice(7, 50)).to_pylist() == got[7:57]
+        with monkeypatch.context() as patch:  # a batch is matched in chunks of rows; their seams change nothing
+            patch.setattr("recap.metadata.matcher.CHUNK_BYTES", 300)
+            assert m.match_arrow(pa.array(texts[:-1] + [None])).to_pylist() == got[:-1] + [[]]
+            assert m.match(texts[5:400]) == got[5:400]
 
 
 def _random_corpus(seed):
