@@ -60,3 +60,17 @@ def fake_stages():
     yield
     stage_mod._registered.clear()
     stage_mod._registered.update(saved)
+
+
+@pytest.fixture
+def folder_source(fake_stages):
+    """The test-only second source of tests/folder_source.py, registered for one test."""
+    from ray import cloudpickle
+
+    from recap.pipeline import stage as stage_mod
+    from tests import folder_source
+
+    cloudpickle.register_pickle_by_value(folder_source)
+    stage_mod.register(folder_source.FolderSource)
+    yield folder_source.FolderSource
+    stage_mod._registered.pop("folder", None)

@@ -498,19 +498,6 @@ def test_bad_filter_settings_are_job_errors(tmp_path, cfg, says):
 
 # -- a job on the engine --------------------------------------------------------------------------
 
-@pytest.fixture
-def folder_source(fake_stages):
-    from ray import cloudpickle
-
-    from recap.pipeline import stage as stage_mod
-    from tests import folder_source
-
-    cloudpickle.register_pickle_by_value(folder_source)
-    stage_mod.register(folder_source.FolderSource)
-    yield folder_source.FolderSource
-    stage_mod._registered.pop("folder", None)
-
-
 def _sidecar(out: Path, stage: str) -> pa.Table:
     return pa.concat_tables([pq.read_table(p) for p in sorted((out / "stages" / stage).glob("*.parquet"))])
 

@@ -14,19 +14,6 @@ from recap.pipeline.runner import run_job
 from tests.test_engine import STAGES, _job, digest
 
 
-@pytest.fixture
-def folder_source(fake_stages):
-    from ray import cloudpickle
-
-    from recap.pipeline import stage as stage_mod
-    from tests import folder_source
-
-    cloudpickle.register_pickle_by_value(folder_source)
-    stage_mod.register(folder_source.FolderSource)
-    yield folder_source.FolderSource
-    stage_mod._registered.pop("folder", None)
-
-
 def _folder(path, n=7, empty=(4,)):
     path.mkdir()
     sizes = {}
