@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	# PyPI's CPU-only torch 2.13 breaks torchvision here: install the matching pair first.
 	$(VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	# the packaging test builds the wheel without build isolation: it needs a current setuptools here
+	$(VENV)/bin/pip install -q 'setuptools>=70.1'
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	# WordNet 3.0 for `recap metadata build --wordnet` (Debian's wordnet-base): best effort, as root only
 	@if [ ! -e /usr/share/wordnet/data.noun ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
