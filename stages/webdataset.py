@@ -5,7 +5,7 @@ DataComp's shards, your own), read in place, never downloaded again.
 URLs (``s3://bucket/{00000..01023}.tar``). One input shard per tar. The plan reads each tar's member
 list and its json/txt members (the images only for samples with neither uid nor URL), plus
 img2dataset's Parquet beside the tar (same name, ``.parquet``) when there is one; ``process`` reads
-each image member at its recorded offset, bounded by its size, and checks it with a full decode.
+each image member at its recorded offset, bounded by its size, and checks that Pillow reads it whole.
 
 A sample's uid:
 

@@ -312,6 +312,31 @@ def test_bad_members_each_get_their_own_reason(tmp_path):
     assert src.source_tar(next(iter(src.plan(WebDatasetInput(paths=str(tmp_path / "bad.tar")))))) is None
 
 
+def test_the_image_check_fails_exactly_what_a_full_decode_fails():
+    """JPEGs are checked without their inverse DCT: cut and damaged ones must fail all the same."""
+    import random
+
+    from recap.pipeline.imaging import check_and_prepare
+    from recap.stages.source_files import check_image
+
+    rng = random.Random(3)
+    buf = io.BytesIO()
+    Image.effect_noise((180, 120), 60).convert("RGB").save(buf, "JPEG", quality=85)
+    progressive = io.BytesIO()
+    Image.open(io.BytesIO(buf.getvalue())).save(progressive, "JPEG", progressive=True)
+    cases = []
+    for data in (buf.getvalue(), progressive.getvalue(), jpeg(5)):
+        cases += [data[:k] for k in rng.sample(range(10, len(data)), 25)]
+        for _ in range(25):
+            damaged = bytearray(data)
+            for _ in range(rng.randint(1, 4)):
+                damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+            cases.append(bytes(damaged))
+    verdicts = [(check_image(c, 10**8).reason is None, check_and_prepare(c, None, 10**8)[1] is None) for c in cases]
+    assert all(fast == full for fast, full in verdicts)
+    assert sum(not ok for ok, _ in verdicts) > 50  # most cases are bad ones
+
+
 def test_bad_tar_end_to_end_writes_only_good_members(tmp_path, ray_local):
     good = jpeg(3, (128, 128))
     (tmp_path / "in").mkdir()
