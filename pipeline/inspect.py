@@ -11,9 +11,8 @@ import pyarrow.compute as pc
 
 from recap.pipeline.stage import Stage, UnknownStage, get_stage_class
 from recap.pipeline.stage_data import StageData
+from recap.pipeline.preflight import PLAN
 from recap.pipeline.storage import Dataset, shard_name
-
-PLAN_REL = "input/_plan.json"
 
 
 def _uids(table) -> list[str]:
@@ -30,27 +29,23 @@ def _stage_classes(order: list[str]) -> dict[str, type[Stage] | None]:
     return out
 
 
-def _marker(ds: Dataset, step: str, shard: int) -> dict | None:
-    try:
-        return ds.read_json(Dataset.commit_rel(step, shard))
-    except (FileNotFoundError, ValueError, OSError):
-        return None
-
-
-def _damage(ds: Dataset, verify: bool) -> list[dict]:
-    """Files that do not match the marker that committed them: missing or resized (always checked:
-    a listing, no data read), or with other bytes (``verify``: every file re-hashed)."""
-    out = []
+def _markers(ds: Dataset, verify: bool) -> tuple[dict[tuple[str, int], dict], list[dict]]:
+    """Every commit marker, by (step, shard), read once; and the files that do not match the marker
+    that committed them: missing or resized (always checked: a listing, no data read), or with
+    other bytes (``verify``: every file re-hashed)."""
+    markers: dict[tuple[str, int], dict] = {}
+    damaged = []
     for step in ds.listdir("commits"):
         for name in ds.listdir(f"commits/{step}"):
             try:
                 marker = ds.read_json(f"commits/{step}/{name}")
             except (OSError, ValueError):
-                out.append({"step": step, "shard": None, "file": f"commits/{step}/{name}", "why": "unreadable marker"})
+                damaged.append({"step": step, "shard": None, "file": f"commits/{step}/{name}", "why": "unreadable marker"})
                 continue
+            markers[(step, marker.get("shard"))] = marker
             for rel, why in ds.damaged_files(marker, verify):
-                out.append({"step": step, "shard": marker.get("shard"), "file": rel, "why": why})
-    return out
+                damaged.append({"step": step, "shard": marker.get("shard"), "file": rel, "why": why})
+    return markers, damaged
 
 
 def _described(ds: Dataset, cls: type[Stage] | None, shard: int) -> dict[str, dict]:
@@ -117,7 +112,7 @@ def inspect_dataset(url: str, samples: int = 0, verify: bool = False) -> dict:
     classes = _stage_classes(order)
     n_shards = int(manifest.get("shards", 0))
     tally = _Tally(order, samples)
-    damaged = _damage(ds, verify)
+    markers, damaged = _markers(ds, verify)
     bad_files = {d["file"] for d in damaged}
     for d in damaged:
         where = f"shard {shard_name(d['shard'])}: " if isinstance(d.get("shard"), int) else ""
@@ -135,7 +130,7 @@ def inspect_dataset(url: str, samples: int = 0, verify: bool = False) -> dict:
             continue
         described = _described(ds, classes.get(source), shard) if samples else {}
         for name in order:
-            marker = _marker(ds, name, shard)
+            marker = markers.get((name, shard))
             if marker is None or marker.get("config_hash") != meta.get(name, {}).get("config_hash"):
                 break  # not committed yet (interrupted or still running): counted as incomplete
             if set(marker.get("files", {})) & bad_files or (kinds.get(name) == "source" and classes[name] is None):
@@ -164,7 +159,7 @@ def inspect_dataset(url: str, samples: int = 0, verify: bool = False) -> dict:
         out["incomplete"] = incomplete
     if verify:
         out["verified"] = True
-    skipped = ds.read_json(PLAN_REL).get("skipped", 0) if ds.exists(PLAN_REL) else 0
+    skipped = ds.read_json(PLAN).get("skipped", 0) if ds.exists(PLAN) else 0
     if skipped:
         out["input_rows_skipped"] = skipped
     summaries = _stage_summaries(ds, classes, n_shards)

@@ -42,8 +42,11 @@ class RunResult:
     counts: dict = field(default_factory=dict)
 
 
-def _context(job: Job, ds: Dataset, stage: str) -> StageContext:
-    n_inputs = int(ds.read_json(PLAN).get("rows", 0)) if ds.exists(PLAN) else 0
+def _planned_rows(ds: Dataset) -> int:
+    return int(ds.read_json(PLAN).get("rows", 0)) if ds.exists(PLAN) else 0
+
+
+def _context(job: Job, ds: Dataset, stage: str, n_inputs: int) -> StageContext:
     return StageContext(job_name=job.name, seed=job.seed, stage=stage, dataset=ds.url, n_inputs=n_inputs)
 
 
@@ -51,12 +54,13 @@ def build_steps(job: Job, ds: Dataset, fingerprint: str, verify: bool = False) -
     steps: list[StepSpec] = []
     prev_hash, previous = fingerprint, []
     source_cls = get_stage_class(job.stages[0].name)
+    n_inputs = _planned_rows(ds)  # once: each step's context carries it
     for entry in job.stages:
         cls = get_stage_class(entry.name)
         h = config_hash(prev_hash, entry.name, entry.config, cls)
         phases = {"source": ["source"], "map": ["map"], "global": ["partial", "apply"]}[cls.kind]
         for phase in phases:
-            steps.append(StepSpec(ds, cls, entry.config, _context(job, ds, entry.name), h, phase, source_cls,
+            steps.append(StepSpec(ds, cls, entry.config, _context(job, ds, entry.name, n_inputs), h, phase, source_cls,
                                   list(previous), verify))
         if cls.kind != "source":
             previous.append(entry.name)
@@ -234,7 +238,7 @@ def run_job(job: Job, address: str | None = None, cpus: int | None = None, progr
     ds = Dataset(job.output)
     ds.check_usable()
     entry = job.stages[0]
-    source: SourceStage = get_stage_class(entry.name)(entry.config, _context(job, ds, entry.name))
+    source: SourceStage = get_stage_class(entry.name)(entry.config, _context(job, ds, entry.name, _planned_rows(ds)))
     fingerprint = input_fingerprint(source, job)
     verdict = check_dataset(ds, job, source, fingerprint, overwrite)
 

@@ -21,11 +21,12 @@ from recap.pipeline.fetch import DEFAULT_USER_AGENT, Fetcher, FetchConfig, Fetch
 from recap.pipeline.inputs import UrlListSource
 from recap.pipeline.stage import IMAGE_COLUMN, StageConfig
 from recap.pipeline.verdicts import CONTROL_COLUMNS, DROP, control, verdicts
+from recap.stages.source_files import SUCCESS, StatusIndex
 
 Interpolation = Literal["nearest", "linear", "bilinear", "cubic", "bicubic", "area", "lanczos", "lanczos4"]
 BASE_COLUMNS = ("uid", "key", "url", "caption", "dup_of", "input_note")
 _DETAIL_MAX = 500
-SUCCESS, FAILED_DOWNLOAD, FAILED_RESIZE = "success", "failed_to_download", "failed_to_resize"
+FAILED_DOWNLOAD, FAILED_RESIZE = "failed_to_download", "failed_to_resize"
 
 
 class DownloadConfig(StageConfig):
@@ -91,7 +92,7 @@ class _Row:
     exif: str | None = None
 
 
-class DownloadStage(UrlListSource):
+class DownloadStage(StatusIndex, UrlListSource):
     name = "download"
     Config = DownloadConfig
     origin_column = "url"
@@ -109,10 +110,6 @@ class DownloadStage(UrlListSource):
 
     def image_member(self) -> str:
         return self.config.encode_format
-
-    @classmethod
-    def kept(cls, index: pa.Table) -> pa.Array:
-        return pc.fill_null(pc.equal(index.column("status"), SUCCESS), False)
 
     def setup(self) -> None:
         from recap.pipeline.imaging import ImageProcessor

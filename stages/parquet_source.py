@@ -32,7 +32,6 @@ from typing import Any, Literal
 
 import fsspec
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -40,9 +39,10 @@ from recap.pipeline.inputs import InputError, key_width
 from recap.pipeline.stage import IMAGE_COLUMN, SourceStage, StageConfig
 from recap.pipeline.uid import make_uid
 from recap.pipeline.verdicts import CONTROL_COLUMNS, DROP, control, verdicts
-from recap.stages.source_files import InputFile, UniqueUids, check_image, clip, content_uid, expand_paths, free_name
+from recap.stages.source_files import (SUCCESS, InputFile, StatusIndex, UniqueUids, check_image, clip, content_uid,
+                                      expand_paths, free_name)
 
-SUCCESS, FAILED = "success", "failed"
+FAILED = "failed"
 _INTERNAL = ("_src_file", "_src_row", "_src_file_size", "_src_image_column", "_src_drop", "_src_detail")
 _OUTPUT = ("key", "member", "url", "caption", "source_file", "source_row", "status", "error_message", "width",
            "height", "original_width", "original_height", "sha256", IMAGE_COLUMN)
@@ -183,7 +183,7 @@ def _shard(parts: list[pa.Table], shard: int, width: int) -> pa.Table:
 
 # -- the stage --------------------------------------------------------------------------------------
 
-class ParquetSource(SourceStage):
+class ParquetSource(StatusIndex, SourceStage):
     name = "parquet_images"
     input_kind = "parquet"
     InputConfig = ParquetInput
@@ -198,10 +198,6 @@ class ParquetSource(SourceStage):
 
     def writes(self) -> tuple[str, ...]:
         return _OUTPUT
-
-    @classmethod
-    def kept(cls, index: pa.Table) -> pa.Array:
-        return pc.fill_null(pc.equal(index.column("status"), SUCCESS), False)
 
     # -- plan ----------------------------------------------------------------------------------
     def _files(self, spec: ParquetInput) -> list[tuple[InputFile, int]]:

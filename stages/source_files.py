@@ -1,6 +1,7 @@
-"""What the sources that read existing files in place share (not a stage itself): the input's
-paths (lists, globs and brace patterns over any fsspec filesystem), the image check, uids that stay
-unique when a sample repeats, and columns built from values of mixed types."""
+"""What source stages share (not a stage itself): img2dataset's ``status`` column as the index's
+kept mark (every source, downloads included), and for the sources that read existing files in
+place, the input's paths (lists, globs and brace patterns over any fsspec filesystem), the image
+check, uids that stay unique when a sample repeats, and columns built from values of mixed types."""
 from __future__ import annotations
 
 import hashlib
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 from braceexpand import braceexpand
 from PIL import Image, UnidentifiedImageError
 
@@ -20,6 +22,17 @@ from recap.pipeline.inputs import InputError
 from recap.pipeline.uid import repeat_uid
 
 DETAIL_MAX = 500
+SUCCESS = "success"  # img2dataset's status of a sample that stays
+
+
+class StatusIndex:
+    """For a source whose index marks the samples that stay with ``status == "success"``."""
+
+    @classmethod
+    def kept(cls, index: pa.Table) -> pa.Array:
+        return pc.fill_null(pc.equal(index.column("status"), SUCCESS), False)
+
+
 _GLOB_CHARS = frozenset("*?[")
 
 

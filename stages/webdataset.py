@@ -50,7 +50,6 @@ from typing import IO, Any, Literal
 
 import fsspec
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -58,10 +57,10 @@ from recap.pipeline.inputs import InputError
 from recap.pipeline.stage import IMAGE_COLUMN, SourceStage, StageConfig
 from recap.pipeline.uid import make_uid
 from recap.pipeline.verdicts import CONTROL_COLUMNS, DROP, control, verdicts
-from recap.stages.source_files import (InputFile, UniqueUids, check_image, clip, content_uid, expand_paths,
+from recap.stages.source_files import (SUCCESS, InputFile, StatusIndex, UniqueUids, check_image, clip, content_uid, expand_paths,
                                        free_name, mixed_column, text_of)
 
-SUCCESS, FAILED = "success", "failed"
+FAILED = "failed"
 # webdataset's split of a member name into the sample's key and the member's extension
 _NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
 _MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
@@ -626,7 +625,7 @@ def _skipped(scan: _Scan, rows: int) -> dict | None:
 
 # -- the stage --------------------------------------------------------------------------------------
 
-class WebDatasetSource(SourceStage):
+class WebDatasetSource(StatusIndex, SourceStage):
     name = "webdataset_tars"  # the package's name is not free: the manifest records its version
     input_kind = "webdataset"
     InputConfig = WebDatasetInput
@@ -647,10 +646,6 @@ class WebDatasetSource(SourceStage):
 
     def writes(self) -> tuple[str, ...]:
         return _OUTPUT
-
-    @classmethod
-    def kept(cls, index: pa.Table) -> pa.Array:
-        return pc.fill_null(pc.equal(index.column("status"), SUCCESS), False)
 
     # -- plan ----------------------------------------------------------------------------------
     def input_fingerprint(self, spec: WebDatasetInput) -> str:
