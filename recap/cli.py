@@ -16,12 +16,10 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from recap.pipeline.errors import UserError
+
 EXIT_OK, EXIT_FAILED, EXIT_BAD_JOB, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 0, 1, 2, 130, 141
 DEBUG = False  # --debug: tracebacks and Ray's own log lines reach the terminal
-
-
-class UsageError(Exception):
-    """A flag or argument the user got wrong (exit 2)."""
 
 
 def _err(msg: str) -> None:
@@ -125,9 +123,9 @@ def cmd_world(args) -> int:
         summary = generate_world(args.out, samples=args.samples, heldout=args.heldout, seed=args.seed,
                                  port=args.port, min_size=args.min_size, max_size=args.max_size)
     except ValueError as e:
-        raise UsageError(f"world: {e}") from None
+        raise UserError(f"world: {e}") from None
     except OSError as e:
-        raise UsageError(f"world: cannot write {args.out}: {e.strerror or e}") from None
+        raise UserError(f"world: cannot write {args.out}: {e.strerror or e}") from None
     print(f"world written to {args.out}: {json.dumps(summary, sort_keys=True)}")
     return EXIT_OK
 
@@ -135,7 +133,7 @@ def cmd_world(args) -> int:
 def _world_dir(path: str) -> Path:
     world = Path(path)
     if not (world / "world.json").is_file() or not (world / "routes.json").is_file():
-        raise UsageError(f"serve: {path} is not a demo world (no world.json and routes.json; "
+        raise UserError(f"serve: {path} is not a demo world (no world.json and routes.json; "
                          f"make one with `recap world {path} --samples N`)")
     return world
 
@@ -148,7 +146,7 @@ def cmd_serve(args) -> int:
         run_server(str(world), port=args.port)
     except OSError as e:
         if e.errno in (errno.EADDRINUSE, errno.EACCES):
-            raise UsageError(f"serve: cannot listen on port {args.port or 'from world.json'}: {e.strerror}; "
+            raise UserError(f"serve: cannot listen on port {args.port or 'from world.json'}: {e.strerror}; "
                              f"pick another with --port") from None
         raise
     return EXIT_OK
@@ -305,14 +303,12 @@ def _dispatch(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Every way a command can end, mapped to an exit code and one message: 2 for what the user can
     fix (job file, flags, inputs, output), 1 for a job that failed while running, 130 on Ctrl-C."""
-    from recap.pipeline.errors import UserError
-
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO if "--debug" in argv else logging.WARNING,
                         format="recap: %(message)s")
     try:
         return _dispatch(argv)
-    except (UserError, UsageError) as e:
+    except UserError as e:
         from recap.pipeline.job import JobError
 
         _err(f"bad job file\n{e}" if isinstance(e, JobError) else str(e))
