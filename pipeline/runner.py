@@ -23,7 +23,7 @@ from recap.pipeline.stage import SourceStage, StageContext, get_stage_class
 from recap.pipeline.stage_data import StageData, output_rel, partial_rel, state_rel
 from recap.pipeline.preflight import (DERIVED, PLAN, check_address, check_dataset, input_fingerprint,
                                       plan_input)
-from recap.pipeline.steps import StepFailure, StepRunner, StepSpec, config_hash
+from recap.pipeline.steps import StepFailure, StepRunner, StepSpec, config_hash, load_input
 from recap.pipeline.storage import Dataset, json_bytes
 
 log = logging.getLogger("recap")
@@ -183,7 +183,9 @@ def _reduce(spec: StepSpec, n_shards: int) -> None:
     def reduce_task(spec: StepSpec, n: int) -> None:
         import json
         stage = spec.stage_cls(spec.config, spec.context)
-        stage.data = StageData(spec.dataset, spec.name, n)  # what reduce may read beyond the partials
+        # what reduce may read beyond the partials
+        stage.data = StageData(spec.dataset, spec.name, n, read_inputs=lambda shard, columns: load_input(
+            spec.dataset, shard, spec.source_cls, spec.previous, columns))
         stage.setup()
         partials = []
         for shard in range(n):

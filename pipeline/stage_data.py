@@ -1,7 +1,9 @@
 """What a stage may read of its own files, handed to it by the engine: its reduced state, the rows
-its partial carried, its kept rows. Stages never spell dataset paths themselves."""
+its partial carried, its kept rows, and (in reduce) its input rows again. Stages never spell
+dataset paths themselves."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +35,8 @@ class StageData:
     dataset: Dataset
     stage: str
     n_shards: int
+    # (shard, columns) -> the stage's input rows; set by the engine for reduce
+    read_inputs: Callable[[int, tuple[str, ...]], pa.Table] | None = None
 
     def has_state(self) -> bool:
         return self.dataset.exists(state_rel(self.stage))
@@ -50,3 +54,10 @@ class StageData:
         """The stage's sidecar for ``shard``: its kept rows and the columns it wrote, or None."""
         rel = Dataset.sidecar_rel(self.stage, shard)
         return self.dataset.read_table(rel, columns=columns) if self.dataset.exists(rel) else None
+
+    def inputs(self, shard: int, columns: list[str]) -> pa.Table:
+        """The rows ``partial`` saw for ``shard`` (``uid`` and ``columns``, which the stage must
+        read): what a reduce reads instead of carrying columns an earlier stage already stored."""
+        if self.read_inputs is None:
+            raise RuntimeError("a stage's inputs are readable in reduce only")
+        return self.read_inputs(shard, tuple(columns))

@@ -14,7 +14,6 @@ either embedding: a score from it would poison any quantile downstream).
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +21,11 @@ import pyarrow as pa
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from recap.models.encoders import EncoderError, EncoderSpec, Precision
+from recap.pipeline.pixels import bounded_aspect, decode, to_rgb
 from recap.pipeline.stage import IMAGE_COLUMN, LocalPath, MapStage, StageConfig
 from recap.pipeline.stage_data import StageData
 from recap.pipeline.verdicts import verdicts
 
-# Longer sides beyond this many shorter sides are centre-cropped before the transform. The usual
-# eval transform (shortest side to the model's size, then a centre crop) keeps only the central
-# square anyway, which the crop leaves untouched, and a 1x40000 banner would otherwise be resized
-# to hundreds of megapixels first.
-MAX_ASPECT = 8
 _SCORE_BINS = 2000  # clip_score histogram over [-1, 1] for `recap inspect`: quantiles to 0.001
 
 
@@ -91,61 +86,6 @@ class ClipConfig(StageConfig):
 
     def spec(self) -> EncoderSpec:
         return EncoderSpec(self.model, self.pretrained, self.config_file)
-
-
-# -- images ---------------------------------------------------------------------------------------
-
-def decode(data: bytes | None):
-    """(image, None) fully decoded, or (None, why). The reason text never holds addresses or
-    timings, so ledgers are the same bytes on every run."""
-    from PIL import Image, UnidentifiedImageError
-
-    from recap.pipeline.imaging import WEB_FORMATS
-
-    if not data:
-        return None, "no image bytes"
-    try:
-        img = Image.open(io.BytesIO(data), formats=WEB_FORMATS)
-        img.load()  # the full decode: truncated data fails here, not inside the transform
-        return img, None
-    except UnidentifiedImageError:
-        return None, "no decoder accepts the data"
-    except Exception as e:  # noqa: BLE001 - a bad image is data, not a bug
-        return None, f"{type(e).__name__}: {e}"[:300]
-
-
-def bounded_aspect(img):
-    """Centre-crop the long side to at most MAX_ASPECT short sides."""
-    w, h = img.size
-    if max(w, h) <= MAX_ASPECT * min(w, h):
-        return img
-    if w > h:
-        left = (w - MAX_ASPECT * h) // 2
-        return img.crop((left, 0, left + MAX_ASPECT * h, h))
-    top = (h - MAX_ASPECT * w) // 2
-    return img.crop((0, top, w, top + MAX_ASPECT * w))
-
-
-def to_rgb(img):
-    """An 8-bit RGB image of what the file shows. PIL's own convert("RGB"), which the transform
-    would apply, clips 16-bit values (nearly every pixel white) and drops alpha to whatever colour
-    transparent pixels hide; both are fixed here."""
-    from PIL import Image
-
-    mode = img.mode
-    if mode.startswith("I;16") or mode == "I":
-        a = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)  # "I" taken as 16-bit data too
-        img = Image.fromarray((a >> 8).astype(np.uint8), "L")
-    elif mode == "F":
-        a = np.asarray(img, dtype=np.float32)
-        if not np.isfinite(a).all():
-            raise ValueError("a float image with NaN or infinite pixels")
-        img = img.convert("L")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _shape(item) -> tuple:

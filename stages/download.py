@@ -60,6 +60,11 @@ class DownloadConfig(StageConfig):
     ssrf_guard: bool = Field(True, description="refuse loopback/private/link-local/... addresses")
     allow_hosts: list[str] = Field(default_factory=list, description="'host' or 'host:port' exempt from ssrf_guard")
 
+    @field_validator("resize_mode", mode="before")
+    @classmethod
+    def _yaml_no(cls, v):
+        return "no" if v is False else v  # YAML 1.1 reads a bare `no` as false
+
     @field_validator("allow_hosts")
     @classmethod
     def _hosts(cls, v: list[str]) -> list[str]:

@@ -5,7 +5,8 @@ Layout written under ``out`` (see DESIGN.md, "The demo world"):
     world.json       parameters and counts (written last: its presence means "complete")
     urls.parquet     url, caption, source_page, license — what a user feeds img2dataset
     truth.parquet    one row per url row, same order: scene, concept, caption kind, language,
-                     duplicate group, fault and the ledger reason the downloader must give
+                     duplicate group, fault, the ledger reason the downloader must give, and
+                     ``heldout_of``: the held-out image a pool image near-copies (else -1)
     routes.json      path -> how the server answers (file, status, delay, headers, redirect, ...)
     files/           the bytes served
     heldout/         clean evaluation split: shards/00000.tar, index.parquet, classnames.txt (the
@@ -40,7 +41,7 @@ from recap.world import render
 from recap.world.scenes import COLOURS, SHAPES, Scene, concept_of, image_size, sample_scene, scene_json
 
 DEFAULT_PORT = 8765
-VERSION = 1
+VERSION = 2  # 2: pool images that are near-duplicates of held-out images (heldout_of)
 HOST = "127.0.0.1"
 TRAP_HOST = "127.0.0.2"  # the address the downloader's SSRF guard must never reach
 TOO_LARGE_BYTES = 64 << 20
@@ -73,6 +74,8 @@ _IMAGE_FAULTS = {"slow", "truncated", "corrupt", "opted_out", "redirect", "redir
 
 CAPTION_MIX: dict[str, float] = {"exact": 0.47, "partial": 0.15, "wrong": 0.10, "junk": 0.14, "foreign": 0.14}
 DUP_RATES: dict[str, float] = {"exact": 0.02, "near": 0.02, "url": 0.01}
+# Pool rows whose image is a re-render of a held-out image: what decontamination must find.
+CONTAMINATION_RATE = 0.005
 PNG_RATE = 0.1
 LICENSES = ("CC-BY-4.0", "CC0-1.0", "CC-BY-SA-4.0", "all-rights-reserved", "unknown")
 TEMPLATES = ("a photo of a {}.", "a drawing of a {}.", "an illustration of a {}.", "a {} shape.",
@@ -186,7 +189,8 @@ def _fault_route(plan: _Plan, row: dict[str, Any], rng: random.Random) -> None:
     fault, key, path = row["fault"], row["key"], row["path"]
     url = plan.base + path
     if fault == "none" or fault in ("slow", "opted_out"):
-        rel = plan.image_job(key, row["scene"], row["width"], row["height"], row["fmt"], row["quality"])
+        rel = plan.image_job(key, row["scene"], row["width"], row["height"], row["fmt"], row["quality"],
+                             shift=row.get("shift", (0.0, 0.0)))
         row["job"] = len(plan.jobs) - 1
         spec: dict[str, Any] = {"file": rel, "content_type": _content_type(row["fmt"])}
         if fault == "slow":
@@ -255,12 +259,23 @@ def _counts(samples: int) -> tuple[dict[str, int], dict[str, int], int, int]:
     return faults, dups, n_empty, n_huge
 
 
-def _plan_web(seed: int, samples: int, port: int, min_size: int, max_size: int) -> tuple[_Plan, list[dict[str, Any]]]:
+def _near_copy(src: dict[str, Any], r: random.Random, min_size: int, max_size: int) -> dict[str, Any]:
+    """Size, shift and quality of a re-render of ``src``: a little shifted, rescaled, recompressed."""
+    scale = r.uniform(0.85, 1.15)
+    return {"width": min(max(round(src["width"] * scale), min_size), max_size),
+            "height": min(max(round(src["height"] * scale), min_size), max_size),
+            "shift": (round(r.uniform(-0.03, 0.03), 4), round(r.uniform(-0.03, 0.03), 4)),
+            "quality": min(95, max(60, src["quality"] + r.choice((-12, -8, 8, 12)))), "fmt": "jpeg"}
+
+
+def _plan_web(seed: int, samples: int, port: int, min_size: int, max_size: int,
+              held: list[dict[str, Any]]) -> tuple[_Plan, list[dict[str, Any]]]:
     plan = _Plan(seed, port)
     fault_counts, dup_counts, n_empty, n_huge = _counts(samples)
+    n_contaminated = min(len(held), max(1 if samples >= 100 else 0, round(CONTAMINATION_RATE * samples)))
     n_copies = sum(dup_counts.values())
     n_base = samples - n_copies
-    if n_base < sum(fault_counts.values()) + n_copies + n_empty + n_huge:
+    if n_base < sum(fault_counts.values()) + n_copies + n_empty + n_huge + n_contaminated:
         raise ValueError(f"samples={samples} is too small for its faults and duplicates")
 
     base: list[dict[str, Any]] = []
@@ -296,6 +311,12 @@ def _plan_web(seed: int, samples: int, port: int, min_size: int, max_size: int) 
     for kind, n in (("empty", n_empty), ("huge", n_huge)):
         for _ in range(n):
             base[next(it)]["caption_kind"] = kind
+    # Contamination: clean rows whose image becomes a near-copy of a held-out image (their
+    # captions, drawn below, describe it).
+    for k, h in enumerate(sorted(pr.sample(range(len(held)), n_contaminated))):
+        row, r = base[next(it)], _rng(seed, "contamination", k)
+        row.update(scene=held[h]["scene"], heldout_of=h, **_near_copy(held[h], r, min_size, max_size))
+        row["path"] = _image_path(r, row["key"], "jpeg", row["scene"])
 
     scenes = [b["scene"] for b in base]
     for i, row in enumerate(base):
@@ -328,14 +349,10 @@ def _plan_web(seed: int, samples: int, port: int, min_size: int, max_size: int) 
                 plan.route(row["path"], **plan.routes[src["path"]])
             else:
                 # Near-duplicate: the same scene re-rendered a little shifted, rescaled and recompressed.
-                scale = r.uniform(0.85, 1.15)
-                w = min(max(round(src["width"] * scale), min_size), max_size)
-                h = min(max(round(src["height"] * scale), min_size), max_size)
-                shift = (round(r.uniform(-0.03, 0.03), 4), round(r.uniform(-0.03, 0.03), 4))
-                quality = min(95, max(60, src["quality"] + r.choice((-12, -8, 8, 12))))
-                row.update(width=w, height=h, fmt="jpeg", quality=quality,
-                           path=_image_path(r, key, "jpeg", src["scene"]))
-                rel = plan.image_job(key, src["scene"], w, h, "jpeg", quality, shift=shift)
+                near = _near_copy(src, r, min_size, max_size)
+                row.update(near, path=_image_path(r, key, "jpeg", src["scene"]))
+                rel = plan.image_job(key, src["scene"], near["width"], near["height"], "jpeg", near["quality"],
+                                     shift=near["shift"])
                 row["job"] = len(plan.jobs) - 1
                 plan.route(row["path"], file=rel, content_type="image/jpeg")
             row["url"] = plan.base + row["path"]
@@ -512,8 +529,8 @@ def generate_world(out: str | Path, samples: int, heldout: int, seed: int, port:
     _prepare_out(out)
     workers = max(1, workers if workers is not None else (os.cpu_count() or 1))
 
-    plan, rows = _plan_web(seed, samples, port, min_size, max_size)
     held = _plan_heldout(seed, heldout, min_size, max_size)
+    plan, rows = _plan_web(seed, samples, port, min_size, max_size, held)
     held_jobs = [{"id": len(plan.jobs) + i, "rel": None, "scene": it["scene"], "w": it["width"], "h": it["height"],
                   "fmt": "jpeg", "quality": it["quality"], "shift": (0.0, 0.0), "post": None, "post_seed": ""}
                  for i, it in enumerate(held)]
@@ -548,11 +565,12 @@ def generate_world(out: str | Path, samples: int, heldout: int, seed: int, port:
         "fault": [r["fault"] for r in rows], "expected_reason": expected,
         "key": [r["key"] for r in rows], "width": [r["width"] for r in rows], "height": [r["height"] for r in rows],
         "image_sha256": [results[r["job"]][0] if e is None else None for r, e in zip(rows, expected)],
+        "heldout_of": [r.get("heldout_of", -1) for r in rows],
     }, pa.schema([("row", pa.int64()), ("url", pa.string()), ("caption", pa.string()), ("scene", pa.string()),
                   ("concept", pa.string()), ("caption_kind", pa.string()), ("lang", pa.string()),
                   ("dup_group", pa.int64()), ("dup_kind", pa.string()), ("fault", pa.string()),
                   ("expected_reason", pa.string()), ("key", pa.string()), ("width", pa.int32()),
-                  ("height", pa.int32()), ("image_sha256", pa.string())]))
+                  ("height", pa.int32()), ("image_sha256", pa.string()), ("heldout_of", pa.int64())]))
 
     base_jobs = len(plan.jobs)
     if held:
@@ -564,6 +582,7 @@ def generate_world(out: str | Path, samples: int, heldout: int, seed: int, port:
         "caption_kinds": dict(sorted(Counter(r["caption_kind"] for r in rows).items())),
         "faults": dict(sorted(Counter(r["fault"] for r in rows).items())),
         "dup_kinds": dict(sorted(Counter(r["dup_kind"] for r in rows).items())),
+        "contaminated": sum(1 for r in rows if "heldout_of" in r),
         "langs": dict(sorted(Counter(r["lang"] for r in rows).items())),
         "expected_reasons": dict(sorted(Counter(e or "ok" for e in expected).items())),
         "routes": len(plan.routes), "classes": len(SHAPES),
