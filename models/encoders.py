@@ -368,7 +368,16 @@ def _load_one(spec: EncoderSpec, device: str, precision: Precision) -> ClipEncod
     else:
         name = _register_config(spec.model_config) if spec.model_config else spec.model
         try:
-            model, _, preprocess, tokenizer = create_model(name, pretrained=spec.pretrained, device=device)
+            if spec.pretrained is None:
+                # random init: every worker must build the same model, or scores from different
+                # shards would come from different models
+                import torch
+
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    model, _, preprocess, tokenizer = create_model(name, pretrained=None, device=device)
+            else:
+                model, _, preprocess, tokenizer = create_model(name, pretrained=spec.pretrained, device=device)
         except Exception as e:
             if spec.pretrained is None:
                 raise

@@ -558,3 +558,17 @@ def test_source_clip_filter_job_on_ray(tmp_path, ray_local, folder_source, check
     side_b = {r["uid"]: r["clip_score"] for r in _sidecar(tmp_path / "b", "clip").to_pylist()}
     assert side_b.keys() == scores.keys() and all(side_b[u] == pytest.approx(scores[u], abs=1e-6) for u in scores)
     assert set(_sidecar(tmp_path / "b", "filter").column("uid").to_pylist()) == kept
+
+
+def test_random_init_is_the_same_model_in_every_worker():
+    import torch
+
+    from recap.models.encoders import EncoderSpec, load_encoder
+
+    torch.manual_seed(1)
+    a = load_encoder(EncoderSpec(MODEL, None), device="cpu")
+    torch.manual_seed(2)
+    b = load_encoder(EncoderSpec(MODEL, None), device="cpu")
+    for (name, pa_), (_, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(pa_, pb), name
+    assert torch.initial_seed() == 2  # the caller's generator is left as it was
