@@ -13,7 +13,7 @@ import socket
 from recap.pipeline.errors import ClusterUnreachable, DatasetConflict, OutputError, UserError
 from recap.pipeline.job import Job
 from recap.pipeline.lease import LEASE
-from recap.pipeline.stage import SourceStage
+from recap.pipeline.stage import SourceStage, get_stage_class
 from recap.pipeline.steps import hashed_config
 from recap.pipeline.storage import Dataset, finite_json, json_bytes
 
@@ -112,3 +112,19 @@ def plan_input(ds: Dataset, job: Job, source: SourceStage, fingerprint: str) -> 
     record = _plan_record(job, fingerprint, hashed_config(job.stages[0].config, type(source)))
     ds.write_bytes(PLAN, json_bytes({**record, "shards": n, "rows": rows, "skipped": len(skipped)}))
     return n
+
+
+def check_stage_order(job: Job, context) -> None:
+    """A stage that reads a column a later stage of the job writes fails before any work, with the
+    fix in the message (a semantic dedup listed before the clip stage that writes its embeddings)."""
+    stages = [get_stage_class(e.name)(e.config, context(e.name)) for e in job.stages]
+    written: set[str] = set()
+    for i, stage in enumerate(stages):
+        for col in stage.reads() if i else ():
+            if col in written:
+                continue
+            later = [job.stages[j].name for j in range(i + 1, len(stages)) if col in stages[j].writes()]
+            if later:
+                raise UserError(f"stage {job.stages[i].name!r} reads {col!r}, which {later[0]!r} writes after it: "
+                                f"list {later[0]!r} before {job.stages[i].name!r}")
+        written.update(stage.writes())

@@ -21,8 +21,8 @@ from recap.pipeline.manifest import write_manifest
 from recap.pipeline.progress import Progress
 from recap.pipeline.stage import SourceStage, StageContext, get_stage_class
 from recap.pipeline.stage_data import StageData, output_rel, partial_rel, state_rel
-from recap.pipeline.preflight import (DERIVED, PLAN, check_address, check_dataset, input_fingerprint,
-                                      plan_input)
+from recap.pipeline.preflight import (DERIVED, PLAN, check_address, check_dataset, check_stage_order,
+                                      input_fingerprint, plan_input)
 from recap.pipeline.steps import StepFailure, StepRunner, StepSpec, config_hash, load_input
 from recap.pipeline.storage import Dataset, json_bytes
 
@@ -241,6 +241,7 @@ def run_job(job: Job, address: str | None = None, cpus: int | None = None, progr
     ds.check_usable()
     entry = job.stages[0]
     source: SourceStage = get_stage_class(entry.name)(entry.config, _context(job, ds, entry.name, _planned_rows(ds)))
+    check_stage_order(job, lambda name: _context(job, ds, name, 0))
     fingerprint = input_fingerprint(source, job)
     verdict = check_dataset(ds, job, source, fingerprint, overwrite)
 

@@ -229,3 +229,18 @@ def test_world_duplicates_and_contamination_leave_with_the_kept_uid(world, tmp_p
     # the same verdicts with one worker
     again = _run(world_dir, port, tmp_path / "b", cfg, cpus=1)
     assert sorted(again.to_pylist(), key=lambda r: r["uid"]) == sorted(ledger.to_pylist(), key=lambda r: r["uid"])
+
+
+def test_semantic_dedup_before_the_clip_stage_is_a_job_error(tmp_path):
+    from recap.pipeline.preflight import check_stage_order
+
+    job = tmp_path / "job.yaml"
+    job.write_text(json.dumps({"name": "t", "input": {"path": str(tmp_path / "urls.parquet")},
+                               "output": str(tmp_path / "out"), "stages": [
+                                   {"dedup": {"methods": ["semantic"]}},
+                                   {"clip": {"model": "recap-tiny", "pretrained": None}}]}))
+    loaded = load_job(job)
+    with pytest.raises(UserError, match="'dedup' reads 'image_emb', which 'clip' writes after it"):
+        check_stage_order(loaded, lambda name: StageContext("t", 0, name, "mem"))
+    loaded.stages[1:] = loaded.stages[2:] + loaded.stages[1:2]  # clip, then dedup
+    check_stage_order(loaded, lambda name: StageContext("t", 0, name, "mem"))
