@@ -4,11 +4,14 @@ open_clip's ``CoCa.generate`` imports Hugging Face ``transformers`` for its logi
 captioner trained here (``loss.kind: coca``) could not caption anything on a machine without it.
 This is the small part of it a captioner needs: greedy decoding and beam search over the model's
 own forward (``image_latent`` / ``image_embs`` computed once), with a minimum length (no end token
-before it) and a length penalty. Token ids follow open_clip's SimpleTokenizer: start 49406, end
+before it) and a length penalty; and nucleus (top-p) sampling, each image drawing from its own
+seeded ``torch.Generator`` so a caption never depends on the batch it is in. Token ids follow open_clip's SimpleTokenizer: start 49406, end
 49407, pad 0.
 
     tokens = generate(model, images, num_beams=3)          # [B, L] ids, start first
     texts = decode(tokens)                                  # plain strings
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    tokens = generate(model, images, top_p=0.9, generators=gens)  # sampled (MobileCLIP's captions)
 """
 from __future__ import annotations
 
@@ -30,11 +33,14 @@ def _next_logprobs(model, seqs, latent, embs, min_len: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, images: torch.Tensor, *, max_len: int = 30, min_len: int = 5, num_beams: int = 1,
-             length_penalty: float = 1.0) -> torch.Tensor:
+             length_penalty: float = 1.0, top_p: float | None = None, temperature: float = 1.0,
+             generators: list[torch.Generator] | None = None) -> torch.Tensor:
     """Token ids [B, L] (start token first; after the end token, pad) for each image.
     ``num_beams`` 1 is greedy decoding. Beam search ranks finished captions by their summed log
     probability divided by ``length ** length_penalty`` (0: raw sums, which favour short ones).
-    ``max_len`` counts the start and end tokens and must fit the model's text context."""
+    ``max_len`` counts the start and end tokens and must fit the model's text context.
+    ``top_p`` samples instead: each step draws from the smallest set of tokens whose probability
+    (at ``temperature``) reaches ``top_p``, image i with ``generators[i]`` (CPU generators)."""
     model = getattr(model, "module", model)
     if not hasattr(model, "text_decoder"):
         raise ValueError(f"{type(model).__name__} has no text decoder: captions need a CoCa model")
@@ -42,6 +48,9 @@ def generate(model, images: torch.Tensor, *, max_len: int = 30, min_len: int = 5
         raise ValueError(f"need 1 < min_len < max_len, got {min_len}, {max_len}")
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if top_p is not None and not (0 < top_p <= 1 and temperature > 0 and generators is not None
+                                  and len(generators) == images.shape[0]):
+        raise ValueError("top_p sampling needs 0 < top_p <= 1, temperature > 0 and one generator per image")
     was_training = model.training
     model.eval()
     # Only the last position's logits are read: cut the decoder's output to it before the vocabulary
@@ -49,6 +58,8 @@ def generate(model, images: torch.Tensor, *, max_len: int = 30, min_len: int = 5
     last_only = model.text_decoder.ln_final.register_forward_hook(lambda mod, args, out: out[:, -1:])
     try:
         latent, embs = model._encode_image(images)
+        if top_p is not None:
+            return _sample(model, latent, embs, max_len, min_len, top_p, temperature, generators)
         if num_beams == 1:
             return _greedy(model, latent, embs, max_len, min_len)
         return _beam(model, latent, embs, max_len, min_len, num_beams, length_penalty)
@@ -65,6 +76,28 @@ def _greedy(model, latent, embs, max_len, min_len) -> torch.Tensor:
         nxt = logp.argmax(-1)
         if seqs.shape[1] == max_len - 1:
             nxt = torch.full_like(nxt, EOT)  # out of room: end here
+        nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
+        seqs = torch.cat([seqs, nxt[:, None]], 1)
+        done |= nxt == EOT
+    return seqs
+
+
+def _sample(model, latent, embs, max_len, min_len, top_p, temperature, generators) -> torch.Tensor:
+    seqs = torch.full((latent.shape[0], 1), SOT, dtype=torch.long, device=latent.device)
+    done = torch.zeros(latent.shape[0], dtype=torch.bool, device=latent.device)
+    while seqs.shape[1] < max_len and not done.all():
+        logp = _next_logprobs(model, seqs, latent, embs, min_len)
+        probs = torch.softmax(logp / temperature, dim=-1).cpu()
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        cum = sorted_p.cumsum(-1)
+        sorted_p = torch.where(cum - sorted_p < top_p, sorted_p, torch.zeros_like(sorted_p))  # the nucleus
+        cum = sorted_p.cumsum(-1)
+        # one uniform draw per image from its own generator: the batch never changes a caption
+        u = torch.cat([torch.rand(1, generator=g) for g in generators]) * cum[:, -1]
+        pick = torch.searchsorted(cum, u[:, None]).clamp(max=cum.shape[1] - 1)
+        nxt = order.gather(1, pick)[:, 0].to(latent.device)
+        if seqs.shape[1] == max_len - 1:
+            nxt = torch.full_like(nxt, EOT)
         nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
         seqs = torch.cat([seqs, nxt[:, None]], 1)
         done |= nxt == EOT
