@@ -44,19 +44,25 @@ def step_markers(ds: Dataset, step: str) -> list[dict]:
     return out
 
 
-def _seconds(ds: Dataset, step: str) -> float:
-    total = 0.0
-    for name in ds.listdir(f"logs/timings/{step}"):
+def _timings(ds: Dataset, step: str) -> tuple[float, dict[str, list[int]]]:
+    """A step's worker seconds, and which Ray node ran each of its shards ({node id: [shard]})."""
+    total, nodes = 0.0, {}
+    for name in sorted(ds.listdir(f"logs/timings/{step}")):
         try:
-            total += float(ds.read_json(f"logs/timings/{step}/{name}").get("seconds", 0))
+            record = ds.read_json(f"logs/timings/{step}/{name}")
+            total += float(record.get("seconds", 0))
         except (OSError, ValueError):
-            pass
-    return round(total, 3)
+            continue
+        if record.get("node") and name.split(".")[0].isdigit():
+            nodes.setdefault(record["node"], []).append(int(name.split(".")[0]))
+    return round(total, 3), dict(sorted(nodes.items()))
 
 
 def write_manifest(ds: Dataset, job, steps, n_shards: int, status: str, seconds: float, error: str | None = None) -> dict:
     stages: dict[str, dict] = {}
+    nodes: dict[str, dict] = {}
     for spec in steps:
+        worker_seconds, nodes[spec.step] = _timings(ds, spec.step)
         if spec.phase == "partial":
             continue
         markers = [m for m in step_markers(ds, spec.step) if m.get("config_hash") == spec.config_hash]
@@ -64,7 +70,7 @@ def write_manifest(ds: Dataset, job, steps, n_shards: int, status: str, seconds:
             "kind": spec.stage_cls.kind,
             "config_hash": spec.config_hash,
             "counts": merge_counts(markers),
-            "worker_seconds": _seconds(ds, spec.step),
+            "worker_seconds": worker_seconds,
         }
     manifest = {
         "recap_manifest": 1,
@@ -75,6 +81,7 @@ def write_manifest(ds: Dataset, job, steps, n_shards: int, status: str, seconds:
         "shards": n_shards,
         "stages": stages,
         "seconds": round(seconds, 3),
+        "nodes": {step: ran for step, ran in nodes.items() if ran},  # {step: {Ray node id: [shard]}}
         "versions": _versions(),
     }
     if error:

@@ -19,6 +19,7 @@ from recap.pipeline.job import Job
 from recap.pipeline.lease import Lease
 from recap.pipeline.manifest import write_manifest
 from recap.pipeline.progress import Progress
+from recap.pipeline.ray_cluster import join as join_cluster, start_local
 from recap.pipeline.stage import SourceStage, StageContext, get_stage_class
 from recap.pipeline.stage_data import StageData, output_rel, partial_rel, state_rel
 from recap.pipeline.preflight import (DERIVED, PLAN, check_address, check_dataset, check_stage_order,
@@ -69,7 +70,8 @@ def build_steps(job: Job, ds: Dataset, fingerprint: str, verify: bool = False) -
 
 
 def init_ray(address: str | None, cpus: int | None, debug: bool = False) -> bool:
-    """Start or join Ray. Returns True when this call started it (and so should shut it down).
+    """Start Ray on loopback, or join the cluster at ``address`` (its token checked first).
+    Returns True when this call started it (and so should shut it down).
     Unless ``debug``, Ray's Python log lines (its token-auth notice) and the workers' output stay
     in Ray's log files: recap's messages say what the user needs."""
     import ray
@@ -84,9 +86,9 @@ def init_ray(address: str | None, cpus: int | None, debug: bool = False) -> bool
     kwargs = dict(include_dashboard=False, logging_level=logging.DEBUG if debug else logging.ERROR,
                   log_to_driver=debug)
     if address:
-        ray.init(address=address, **kwargs)
+        join_cluster(address, **kwargs)
     else:
-        ray.init(address="local", num_cpus=cpus or os.cpu_count(), **kwargs)
+        start_local(num_cpus=cpus or os.cpu_count(), **kwargs)
     return True
 
 

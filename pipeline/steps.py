@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 
 from recap.pipeline.ledger import ledger_table
 from recap.pipeline.shards import read_tar, sample_json, write_tar
+from recap.pipeline.ray_cluster import current_node
 from recap.pipeline.stage import IMAGE_COLUMN, GlobalStage, SourceStage, Stage, StageConfig, StageContext
 from recap.pipeline.stage_data import StageData, carry_rel, partial_rel
 from recap.pipeline.storage import Dataset, json_bytes, shard_name, table_bytes
@@ -293,8 +294,9 @@ class StepRunner:
             except Exception:
                 pass
             raise StepFailure(msg) from e
+        # where it ran: the manifest says which node ran each (step, shard)
         ds.write_json(f"logs/timings/{spec.step}/{shard_name(shard)}.json",
-                      {"seconds": round(time.time() - started, 3), "in": counts.get("in", 0)})
+                      {"seconds": round(time.time() - started, 3), "in": counts.get("in", 0), "node": current_node()})
         return counts
 
     def _run(self, shard: int) -> dict:

@@ -69,11 +69,18 @@ def _torchrun(args, argv: list[str]) -> int:
 
 
 def _ray(cfg, args) -> int:
-    import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ray.init(address=args.address) if args.address else ray.init()
+    from recap.pipeline.preflight import check_address
+    from recap.pipeline.ray_cluster import join, start_local
+
+    # a cluster named by --address, with its address and token checked; else a new one on loopback only
+    if args.address:
+        check_address(args.address)
+        join(args.address)
+    else:
+        start_local()
 
     def loop(conf: dict) -> None:
         from recap.trainer.config import TrainConfig
