@@ -24,7 +24,7 @@ from recap.pipeline.stage import SourceStage, StageContext, get_stage_class
 from recap.pipeline.stage_data import StageData, output_rel, partial_rel, state_rel
 from recap.pipeline.preflight import (DERIVED, PLAN, check_address, check_dataset, check_stage_order,
                                       input_fingerprint, plan_input)
-from recap.pipeline.steps import StepFailure, StepRunner, StepSpec, config_hash, load_input
+from recap.pipeline.steps import StepFailure, StepRunner, StepSpec, config_hash, load_input, published
 from recap.pipeline.storage import Dataset, json_bytes
 
 log = logging.getLogger("recap")
@@ -187,13 +187,14 @@ def _reduce(spec: StepSpec, n_shards: int) -> None:
         stage = spec.stage_cls(spec.config, spec.context)
         # what reduce may read beyond the partials
         stage.data = StageData(spec.dataset, spec.name, n, read_inputs=lambda shard, columns: load_input(
-            spec.dataset, shard, spec.source_cls, spec.previous, columns))
+            spec.dataset, shard, spec.source_cls, spec.previous, columns, stage.optional_reads()))
         stage.setup()
         partials = []
         for shard in range(n):
             partials.extend(json.loads(spec.dataset.read_bytes(partial_rel(spec.name, shard))))
         state = stage.reduce(partials)
         files = {output_rel(spec.name, name): data for name, data in sorted(stage.reduce_outputs(state).items())}
+        files.update(published(stage, stage.publish(state), None))
         stage.teardown()
         files[state_rel(spec.name)] = json_bytes({"state": state})
         spec.dataset.commit(f"{spec.name}.reduce", 0, spec.config_hash, files, {"partials": len(partials)})

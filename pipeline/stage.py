@@ -93,6 +93,11 @@ class Stage:
         """Columns of earlier stages this one needs (``jpg`` loads the image bytes); () = all."""
         return ()
 
+    def optional_reads(self) -> tuple[str, ...]:
+        """Columns read when an earlier stage of the job wrote them, left out silently when none did
+        (optional enrichments: a stage that packs whatever texts the job produced)."""
+        return ()
+
     def writes(self) -> tuple[str, ...]:
         """Columns this stage adds to its sidecar."""
         return ()
@@ -153,7 +158,13 @@ class GlobalStage(Stage):
 
         With ``carry``, it returns ``(summary, rows)``, ``rows`` a table with ``uid`` and the carried
         columns: the engine commits them with the partial and hands them to ``apply`` as extra
-        columns, so costly per-row work (balancing's matching) runs once, not in both passes."""
+        columns, so costly per-row work (balancing's matching) runs once, not in both passes.
+
+        It may also return ``(summary, rows, files)`` (``rows`` None without ``carry``): ``files``
+        maps paths relative to the dataset, outside the engine's own folders, to bytes the stage
+        publishes for this shard (a product such as a packed tar); ``{shard}`` in a path becomes the
+        shard's name (``00042``). They are committed with the partial, so a rerun redoes a shard
+        whose file is missing or cut short, and never leaves one half-written."""
         raise NotImplementedError
 
     def reduce(self, partials: list[Any]) -> Any:
@@ -167,6 +178,11 @@ class GlobalStage(Stage):
     def reduce_outputs(self, state: Any) -> dict[str, bytes]:
         """Extra files (name -> bytes) committed beside the reduced state, for users and tools
         (balancing's ``entry_counts.json``)."""
+        return {}
+
+    def publish(self, state: Any) -> dict[str, bytes]:
+        """Files at paths relative to the dataset (outside the engine's own folders), committed with
+        the reduce: the dataset-level part of a product whose shards ``partial`` published."""
         return {}
 
     def apply(self, batch: pa.Table, state: Any) -> pa.Table:
@@ -219,6 +235,20 @@ class SourceStage(Stage):
         every read) instead of writing ``shards/NNNNN.tar``. None, the default: the engine writes
         the shard tar from the ``jpg`` column."""
         return None
+
+    def source_files(self, batch: pa.Table) -> dict | None:
+        """Read in place from files that are not tars (Parquet tables of image bytes): a JSON-able
+        record of where this input shard's images stay, ``{"files": [url, ...], ...}`` plus whatever
+        ``read_in_place`` needs to find them. The engine adds each file's size (checked on every
+        read), commits the record instead of writing ``shards/NNNNN.tar``, and later stages get the
+        images through ``read_in_place``. None, the default: the tar is written (or referenced)."""
+        return None
+
+    @classmethod
+    def read_in_place(cls, rows: pa.Table, record: dict) -> list[bytes | None]:
+        """The image bytes of ``rows`` (index rows, every index column) of a shard whose images
+        ``source_files`` left in place, ``record`` being what it returned."""
+        raise NotImplementedError
 
     def image_member(self) -> str:
         """The extension of the image member in the tar (``jpg``, ``png``, ``webp``)."""

@@ -28,6 +28,7 @@ IMAGE_EXT_META = b"recap.image_ext"
 KEY_COLUMN_META = b"recap.key_column"
 MEMBER_COLUMN_META = b"recap.member_column"  # per-row image member, when the source has one
 SOURCE_TAR_META = b"recap.source_tar"  # the referenced tar of a source read in place
+IN_PLACE_META = b"recap.images_in_place"  # images stay in the source's own files (source_files)
 # Columns of the source stage that stay out of the per-sample json (bytes) or are its own keys.
 _NOT_IN_SAMPLE_JSON = {IMAGE_COLUMN}
 
@@ -89,9 +90,10 @@ def _take_by_uid(base_uids: pa.Array, table: pa.Table) -> pa.Table:
 
 
 def load_input(ds: Dataset, shard: int, source: type[SourceStage], previous: list[str],
-               reads: tuple[str, ...]) -> pa.Table:
+               reads: tuple[str, ...], optional: tuple[str, ...] = ()) -> pa.Table:
     """The samples still in the pipeline after ``previous``, with the columns ``reads`` names
-    (all columns when it is empty), in shard order."""
+    (all columns when it is empty) and those of ``optional`` that an earlier stage wrote, in shard
+    order."""
     base = ds.read_table(Dataset.index_rel(shard))
     base = base.filter(source.kept(base))
     sidecars = [ds.read_table(Dataset.sidecar_rel(p, shard)) for p in previous]
@@ -109,18 +111,22 @@ def load_input(ds: Dataset, shard: int, source: type[SourceStage], previous: lis
             else:
                 base = base.append_column(name, col)
     if reads:
-        wanted = [c for c in base.column_names if c == "uid" or c in reads]
+        wanted = [c for c in base.column_names if c == "uid" or c in reads or c in optional]
         missing = [c for c in reads if c not in base.column_names and c != IMAGE_COLUMN]
         if missing:
             raise ContractError(f"reads columns no earlier stage wrote: {missing}")
         base = base.select(wanted)
     if IMAGE_COLUMN in reads:
-        base = base.append_column(IMAGE_COLUMN, _images(ds, shard, base))
+        base = base.append_column(IMAGE_COLUMN, _images(ds, shard, base, source))
     return base
 
 
-def _images(ds: Dataset, shard: int, table: pa.Table) -> pa.Array:
+def _images(ds: Dataset, shard: int, table: pa.Table, source: type[SourceStage]) -> pa.Array:
     meta = ds.read_schema(Dataset.index_rel(shard)).metadata or {}
+    if meta.get(IN_PLACE_META):
+        record = checked_source_files(ds.read_json(Dataset.source_rel(shard)))
+        rows = _take_by_uid(table.column("uid"), ds.read_table(Dataset.index_rel(shard)))
+        return pa.array(source.read_in_place(rows, record), pa.binary())
     ext = meta.get(IMAGE_EXT_META, b"jpg").decode()
     key = meta.get(KEY_COLUMN_META, b"key").decode()
     member = meta.get(MEMBER_COLUMN_META, b"").decode() or None
@@ -155,6 +161,31 @@ def _tar_bytes(ds: Dataset, shard: int, meta: dict) -> bytes:
     return data
 
 
+def files_record(record: dict) -> dict:
+    """A source's ``source_files`` record with each file's size when read, the form committed."""
+    files = []
+    for url in record["files"]:
+        fs, path = fsspec.core.url_to_fs(url)
+        files.append({"url": url, "size": int(fs.info(path)["size"])})
+    return {**record, "files": files}
+
+
+def checked_source_files(recorded: dict) -> dict:
+    """The committed record, the files' sizes checked (a stat, not a read), as ``source_files``
+    returned it (``files`` a list of URLs)."""
+    for f in recorded["files"]:
+        fs, path = fsspec.core.url_to_fs(f["url"])
+        try:
+            size = int(fs.info(path)["size"])
+        except FileNotFoundError:
+            size = None
+        if size != f["size"]:
+            now = "is gone" if size is None else f"is {size} bytes"
+            raise SourceChanged(f"{f['url']}: the source file changed since it was read (it {now}, {f['size']} "
+                                f"bytes when read): restore it, or run again with --overwrite")
+    return {**recorded, "files": [f["url"] for f in recorded["files"]]}
+
+
 def source_record(url: str) -> dict:
     """What a referenced tar is checked against on every read (its size; the store's ETag or
     mtime are informative: a copied file keeps its bytes, not its mtime)."""
@@ -185,11 +216,39 @@ def check_output(stage: Stage, inp: pa.Table, out: Any) -> pa.Table:
     return out
 
 
-def split_partial(stage: GlobalStage, table: pa.Table, result: Any) -> tuple[Any, pa.Table | None]:
-    """A partial's (summary, carried rows); the rows checked against the stage's ``carry``."""
+# What a stage may not publish over: the engine's own folders and files.
+ENGINE_PATHS = ("input", "shards", "stages", "ledger", "commits", "logs", "manifest.json", ".tmp", "_lease.json")
+
+
+def published(stage: Stage, files: Any, shard: int | None) -> dict[str, bytes]:
+    """A stage's published files, checked: relative paths outside the engine's folders, bytes;
+    ``{shard}`` filled in."""
+    who = f"stage {stage.ctx.stage!r}"
+    if not isinstance(files, dict):
+        raise ContractError(f"{who}: published files must be a dict of path -> bytes, got {type(files).__name__}")
+    out = {}
+    for rel, data in files.items():
+        name = rel.replace("{shard}", shard_name(shard)) if shard is not None else rel
+        parts = name.split("/")
+        if not name or name.startswith("/") or ".." in parts or parts[0] in ENGINE_PATHS \
+                or not isinstance(data, (bytes, bytearray)):
+            raise ContractError(f"{who}: cannot publish {rel!r}: expected bytes at a relative path outside "
+                                f"the engine's folders ({', '.join(ENGINE_PATHS)})")
+        out[name] = bytes(data)
+    return out
+
+
+def split_partial(stage: GlobalStage, table: pa.Table, result: Any,
+                  shard: int | None = None) -> tuple[Any, pa.Table | None, dict[str, bytes]]:
+    """A partial's (summary, carried rows, published files); the rows checked against the stage's
+    ``carry``."""
+    files: dict[str, bytes] = {}
+    if isinstance(result, tuple) and len(result) == 3:
+        files = published(stage, result[2], shard)
+        result = result[0] if result[1] is None else (result[0], result[1])
     carry = stage.carry()
     if not carry:
-        return result, None
+        return result, None, files
     who = f"stage {stage.ctx.stage!r}"
     if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], pa.Table)):
         raise ContractError(f"{who}: declares carry {list(carry)}, so partial() must return (summary, rows)")
@@ -200,7 +259,7 @@ def split_partial(stage: GlobalStage, table: pa.Table, result: Any) -> tuple[Any
     missing = [c for c in carry if c not in rows.column_names]
     if missing:
         raise ContractError(f"{who}: partial()'s rows lack carried columns {missing}")
-    return result[0], rows.select(["uid", *carry])
+    return result[0], rows.select(["uid", *carry]), files
 
 
 def with_carry(stage: GlobalStage, table: pa.Table, carried: pa.Table) -> pa.Table:
@@ -211,13 +270,14 @@ def with_carry(stage: GlobalStage, table: pa.Table, carried: pa.Table) -> pa.Tab
     return table
 
 
-def run_stage(stage: Stage, table: pa.Table, phase: str, state: Any = None) -> tuple[pa.Table | None, list]:
+def run_stage(stage: Stage, table: pa.Table, phase: str, state: Any = None,
+              shard: int | None = None) -> tuple[pa.Table | None, list]:
     """Run process/partial/apply over the shard in batches of the stage's batch size. A partial
-    runs once per shard (the reduce never sees batch boundaries); with ``carry``, its rows come
-    last in the returned list."""
+    runs once per shard (the reduce never sees batch boundaries); its returned list holds the
+    summary, then the carried rows (with ``carry``), then the published files (when any)."""
     if phase == "partial":
-        summary, rows = split_partial(stage, table, stage.partial(table))
-        return None, [summary] if rows is None else [summary, rows]
+        summary, rows, files = split_partial(stage, table, stage.partial(table), shard)
+        return None, [summary] + ([] if rows is None else [rows]) + ([files] if files else [])
     outs = []
     for b in _batches(table, stage.batch_size):
         out = stage.apply(b, state) if phase == "apply" else stage.process(b)
@@ -304,10 +364,12 @@ class StepRunner:
         stage = self._ensure_stage()
         if spec.phase == "source":
             return self._run_source(stage, shard)
-        table = load_input(ds, shard, spec.source_cls, spec.previous, stage.reads())
+        table = load_input(ds, shard, spec.source_cls, spec.previous, stage.reads(), stage.optional_reads())
         if spec.phase == "partial":
-            _, partials = run_stage(stage, table, "partial")
-            files = {carry_rel(spec.name, shard): table_bytes(partials.pop())} if stage.carry() else {}
+            _, partials = run_stage(stage, table, "partial", shard=shard)
+            files = partials.pop() if isinstance(partials[-1], dict) and len(partials) > 1 else {}
+            if stage.carry():
+                files[carry_rel(spec.name, shard)] = table_bytes(partials.pop())
             files[partial_rel(spec.name, shard)] = json_bytes(partials)
             return ds.commit(spec.step, shard, spec.config_hash, files, {"in": table.num_rows})["counts"]
         if spec.phase == "apply" and stage.carry():
@@ -333,13 +395,16 @@ class StepRunner:
         image_ext, key, text = stage.image_member(), stage.key_column, stage.text_column
         meta_cols = [c for c in out.column_names if c not in CONTROL_COLUMNS and c not in _NOT_IN_SAMPLE_JSON]
         ok = out.filter(kept)
-        rows = ok.select(meta_cols).to_pylist()
-        images = ok.column(IMAGE_COLUMN).to_pylist()
         meta = {IMAGE_EXT_META: image_ext.encode(), KEY_COLUMN_META: key.encode()}
         if stage.member_column:
             meta[MEMBER_COLUMN_META] = stage.member_column.encode()
         referenced = stage.source_tar(table)
-        if referenced is None:
+        in_place = stage.source_files(out) if referenced is None else None
+        if in_place is not None:
+            meta[IN_PLACE_META] = b"1"
+            shard_files = {Dataset.source_rel(shard): json_bytes(files_record(in_place))}
+        elif referenced is None:
+            rows, images = ok.select(meta_cols).to_pylist(), ok.column(IMAGE_COLUMN).to_pylist()
             exts = ok.column(stage.member_column).to_pylist() if stage.member_column else [image_ext] * len(rows)
             shard_files = {Dataset.tar_rel(shard): write_tar(
                 (r[key], {e: img, "txt": (r.get(text) or "").encode("utf-8"), "json": sample_json(r)})

@@ -54,12 +54,12 @@ from recap.pipeline.reinforced.config import (FORMAT, OPENAI_MEAN, OPENAI_STD, P
                                               AugConfig, ReinforcedConfig, ReinforcedFormatError, TeacherConfig)
 from recap.pipeline.reinforced.layout import shard_file
 from recap.pipeline.reinforced.reader import find_config, iter_raw, iter_shard, list_shards, read_config, read_sizes
-from recap.pipeline.reinforced.writer import ReinforcedWriter, write_index
+from recap.pipeline.reinforced.writer import ReinforcedWriter, index_files, write_index
 
 __all__ = [
     "EMB_FIELDS", "EMB_MEMBERS", "FORMAT", "IMAGE_EXTS", "OPENAI_MEAN", "OPENAI_STD", "PLAIN_AUG", "RANDAUGMENT_OPS",
     "VERSION", "AugConfig", "ReinforcedConfig", "ReinforcedFormatError", "ReinforcedWriter", "TeacherConfig",
     "check_param", "decode_sample", "encode_sample", "encode_shard", "find_config", "iter_raw", "iter_shard",
     "list_shards", "load_npz", "load_pth_gz", "npz_bytes", "pth_gz_bytes", "read_config", "read_sizes",
-    "replay_augmentation", "sample_param_aug", "shard_file", "upgrade_v1", "write_index",
+    "index_files", "replay_augmentation", "sample_param_aug", "shard_file", "upgrade_v1", "write_index",
 ]

@@ -17,17 +17,24 @@ def _current(config: ReinforcedConfig) -> None:
         raise ReinforcedFormatError(f"config version {config.version}: only version {VERSION} is written")
 
 
-def write_index(out: str, config: ReinforcedConfig, entries: Sequence[dict]) -> None:
-    """Write config.json, sizes.json (top level and shards/, where open_clip looks) and
-    manifest.jsonl from shard entries ``{"name", "n", ...}`` (sorted by name)."""
+def index_files(config: ReinforcedConfig, entries: Sequence[dict]) -> dict[str, bytes]:
+    """config.json, sizes.json (top level and shards/, where open_clip looks) and manifest.jsonl
+    from shard entries ``{"name", "n", ...}`` (sorted by name), as ``{relative path: bytes}`` in
+    the order they should be written (config.json last)."""
     _current(config)
     entries = sorted(entries, key=lambda e: e["name"])
     sizes = json.dumps({e["name"]: int(e["n"]) for e in entries}, indent=1, sort_keys=True).encode()
-    for rel in SIZES_FILES:
-        write_atomic(join(out, rel), sizes)
-    write_atomic(join(out, MANIFEST_FILE), "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries).encode())
+    out = {rel: sizes for rel in SIZES_FILES}
+    out[MANIFEST_FILE] = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries).encode()
     # config.json last: find_config takes its presence to mean "a reinforced dataset is here"
-    write_atomic(join(out, CONFIG_FILE), json.dumps(config.model_dump(mode="json"), indent=1, sort_keys=True).encode())
+    out[CONFIG_FILE] = json.dumps(config.model_dump(mode="json"), indent=1, sort_keys=True).encode()
+    return out
+
+
+def write_index(out: str, config: ReinforcedConfig, entries: Sequence[dict]) -> None:
+    """Write the index files of ``index_files`` into the dataset directory ``out``."""
+    for rel, data in index_files(config, entries).items():
+        write_atomic(join(out, rel), data)
 
 
 class ReinforcedWriter:
