@@ -29,24 +29,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/llm_ser
 
 
 def bench_http(n: int, concurrency: int, delay: float) -> dict:
+    import subprocess
+
     from recap.models.textgen.base import BackendConfig, Request
     from recap.models.textgen.openai_compat import OpenAIBackend
-    from tests.llm_server import MODEL, LLMServer
+    from tests.llm_server import MODEL
+
+    # the server in a process of its own: in this one its threads would share the client's GIL
+    server = subprocess.Popen([sys.executable, "-m", "tests.llm_server", "--delay", str(delay)],
+                              cwd=Path(__file__).resolve().parent.parent, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    base_url = server.stdout.readline().strip()
 
     def rate(conc: int, count: int) -> float:
-        with LLMServer(delay=delay) as srv:
-            cfg = BackendConfig(kind="openai", model=MODEL, base_url=srv.base_url, concurrency=conc, max_retries=0)
-            backend = OpenAIBackend(cfg)
-            reqs = [Request(uid=f"u{i}", index=0, seed=i, system="Rewrite.", user=f"<caption>a red circle {i}</caption> =>")
-                    for i in range(count)]
-            t0 = time.perf_counter()
-            out = backend.generate(reqs)
-            took = time.perf_counter() - t0
-            assert all(r.ok for r in out), [r.reason for r in out if not r.ok][:3]
+        cfg = BackendConfig(kind="openai", model=MODEL, base_url=base_url, concurrency=conc, max_retries=0)
+        backend = OpenAIBackend(cfg)
+        reqs = [Request(uid=f"u{i}", index=0, seed=i, system="Rewrite.", user=f"<caption>a red circle {i}</caption> =>")
+                for i in range(count)]
+        t0 = time.perf_counter()
+        out = backend.generate(reqs)
+        took = time.perf_counter() - t0
+        assert all(r.ok for r in out), [r.reason for r in out if not r.ok][:3]
         return count / took
 
-    serial = rate(1, max(10, n // max(1, concurrency)))  # fewer: one at a time is slow by design
-    parallel = rate(concurrency, n)
+    try:
+        serial = rate(1, max(10, n // max(1, concurrency)))  # fewer: one at a time is slow by design
+        parallel = rate(concurrency, n)
+    finally:
+        server.stdin.close()
+        server.wait(timeout=10)
     return {"serial_rps": serial, "concurrent_rps": parallel, "ratio": parallel / serial,
             "ideal": min(concurrency, n), "server_delay_s": delay}
 

@@ -6,7 +6,7 @@ shape the request's instruction asks for (HQ-CLIP fields or typed negatives).
 
 Behaviours, chosen per request by ``rules`` (a substring of the user text -> behaviour) or the
 server's ``default``: ``valid``, ``malformed_body`` (HTTP 200 that is not a chat completion),
-``malformed_json`` (content that is not JSON), ``truncated_json`` (valid JSON cut short),
+``malformed_json`` (content that is not JSON), ``truncated_json`` (valid JSON cut short, as at max_tokens),
 ``http_429`` (429 with ``Retry-After``, ``fail_times`` times per request, then valid),
 ``http_500`` (always 500), ``flaky_500`` (500 ``fail_times`` times, then valid), ``slow``
 (``delay`` seconds, then valid), ``hang`` (sleeps ``hang`` seconds), ``echo`` (the whole prompt
@@ -204,7 +204,7 @@ def _handler(srv: LLMServer):
             if b == "malformed_json":
                 content = "Sure! Here is what you asked for: {long_positive: oops"
             elif b == "truncated_json":
-                content = content[: len(content) // 2]
+                content = content[:-4]  # cut inside the last list, as max_tokens would
             elif b == "echo":
                 content = system + "\n" + user
             with srv._lock:
@@ -216,3 +216,22 @@ def _handler(srv: LLMServer):
                              "finish_reason": "stop"}]}).encode())
 
     return H
+
+
+def main() -> None:
+    """Serve in a process of its own (benchmarks: the client's threads then never share a GIL with
+    the server's): prints the base URL, serves until stdin closes."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--delay", type=float, default=0.0)
+    ap.add_argument("--default", default="valid")
+    a = ap.parse_args()
+    with LLMServer(default=a.default, delay=a.delay) as srv:
+        print(srv.base_url, flush=True)
+        sys.stdin.read()
+
+
+if __name__ == "__main__":
+    main()

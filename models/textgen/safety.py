@@ -87,9 +87,10 @@ _TRAILING_COMMA = re.compile(r",\s*([}\]])")
 
 
 def _close_truncated(text: str) -> str:
-    """Close the strings, arrays and objects a reply cut at max_tokens left open."""
-    stack, in_str, esc = [], False, False
-    for ch in text:
+    """Close the strings, arrays and objects a reply cut at max_tokens left open. A list item cut
+    in the middle is dropped (half a tag is no tag); a cut string value is closed as it stands."""
+    stack, in_str, esc, opened = [], False, False, 0
+    for i, ch in enumerate(text):
         if in_str:
             if esc:
                 esc = False
@@ -98,12 +99,15 @@ def _close_truncated(text: str) -> str:
             elif ch == '"':
                 in_str = False
         elif ch == '"':
-            in_str = True
+            in_str, opened = True, i
         elif ch in "{[":
             stack.append("}" if ch == "{" else "]")
         elif ch in "}]" and stack:
             stack.pop()
-    out = text + ('"' if in_str else "")
+    if in_str and stack and stack[-1] == "]":
+        out = text[:opened]
+    else:
+        out = text + ('"' if in_str else "")
     out = re.sub(r",\s*$", "", out)
     out = re.sub(r",?\s*\"[^\"]*\"\s*:\s*$", "", out)  # a key without its value
     return out + "".join(reversed(stack))
