@@ -85,7 +85,7 @@ def init_ray(address: str | None, cpus: int | None, debug: bool = False) -> bool
     # ledger and logs/failures/, not by printing
     kwargs = dict(include_dashboard=False, logging_level=logging.DEBUG if debug else logging.ERROR,
                   log_to_driver=debug)
-    if address:
+    if address and address != "local":
         join_cluster(address, **kwargs)
     else:
         start_local(num_cpus=cpus or os.cpu_count(), **kwargs)

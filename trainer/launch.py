@@ -75,10 +75,11 @@ def _ray(cfg, args) -> int:
     from recap.pipeline.preflight import check_address
     from recap.pipeline.ray_cluster import join, start_local
 
-    # a cluster named by --address, with its address and token checked; else a new one on loopback only
-    if args.address:
-        check_address(args.address)
-        join(args.address)
+    # a cluster named by --address (or RAY_ADDRESS), its address and token checked; else a new one on loopback only
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        check_address(address)
+        join(address)
     else:
         start_local()
 
