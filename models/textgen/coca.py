@@ -4,7 +4,8 @@ own decoder (``recap.trainer.generate``: no ``transformers``).
 MobileCLIP's synthetic captions: nucleus sampling with top-p 0.9, the caption cut before its first
 "."; each caption draws from a generator seeded with its request's seed, so it depends on (job
 seed, stage, uid, sample index) only. ``greedy`` decodes deterministically instead (every sample
-index then gives the same caption).
+index then gives the same caption). The model runs on CUDA in a Ray actor that Ray gave a GPU
+(``resources: {gpus: 1}``); the sampling draws come from CPU generators on either device.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ class CocaCaptioner:
     def __init__(self, cfg: BackendConfig, batch_size: int = 32):
         import torch
 
+        from recap.models.encoders import default_device
         from recap.trainer.models import create_model
 
         self.cfg = cfg
@@ -47,7 +49,8 @@ class CocaCaptioner:
         if not hasattr(model, "text_decoder"):
             raise BackendUnavailable(f"backend.model {cfg.model}: {name} has no text decoder: captions need a CoCa "
                                      f"model (train it with loss.kind: coca)")
-        self.model = model.eval()
+        self.device = default_device()  # CUDA only in a Ray actor given a GPU
+        self.model = model.eval().to(self.device)
         self.preprocess = preprocess
         self.top_p = cfg.top_p if cfg.top_p is not None else 0.9
         self.temperature = cfg.temperature if cfg.temperature is not None else 1.0
@@ -72,7 +75,7 @@ class CocaCaptioner:
                     on_reply(i, out[i])
         for start in range(0, len(ready), self.batch_size):
             chunk = ready[start:start + self.batch_size]
-            x = torch.stack([t for _, t in chunk])
+            x = torch.stack([t for _, t in chunk]).to(self.device)
             if self.cfg.greedy:
                 tokens = generate(self.model, x, max_len=self.cfg.max_len, min_len=min(5, self.cfg.max_len - 1))
             else:
