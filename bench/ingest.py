@@ -1,7 +1,7 @@
 """recap's ingest of shards you already have vs a plain reading loop over the same files, in one
 run: webdataset tars (recap's `webdataset` source, read in place) against a `webdataset` loop that
-reads and decodes every sample, and Parquet tables of image bytes (the `parquet` source, which
-writes shards) against a pyarrow scan that decodes every image. Prints samples/s and the ratios.
+reads and decodes every sample, and Parquet tables of image bytes (the `parquet` source, also read
+in place) against a pyarrow scan that decodes every image. Prints samples/s and the ratios.
 
     .venv/bin/python bench/ingest.py [--shards 8] [--per-shard 1000] [--processes 2] [--repeat 2]
 

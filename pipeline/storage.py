@@ -109,7 +109,7 @@ class Dataset:
 
     @staticmethod
     def source_rel(shard: int) -> str:
-        """For a source read in place: which tar the shard references, and its size when read."""
+        """For a source read in place: which tar or files the shard references, and their sizes when read."""
         return f"shards/{shard_name(shard)}.source.json"
 
     @staticmethod

@@ -5,8 +5,12 @@ Face ``datasets`` export, a table you wrote), without a download.
 fsspec URLs). The image column holds the bytes, or a struct with ``bytes`` and ``path`` as
 ``datasets`` stores images (``path`` relative to the Parquet file, used when ``bytes`` is null);
 a caption column; every other column (or those ``input.columns`` names) is carried into the index.
-Rows are cut into input shards of ``rows_per_shard`` across files, in file order; the engine writes
-each shard's tar (``{key}.{jpg|png|...}`` after the image's format).
+Rows are cut into input shards of ``rows_per_shard`` across files, in file order. The images stay
+where they are: the dataset references the Parquet files (``shards/NNNNN.source.json``: their URLs
+and sizes, checked on every later read) and each index row names its ``source_file`` and
+``source_row``; later stages read the image column's row groups they need. ``parquet: {copy: true}``
+writes each shard's tar instead (``{key}.{jpg|png|...}`` after the image's format), and so does a
+shard holding an image read from a ``path`` beside the table (that file is not referenced).
 
 The columns are checked in every file's footer before anything runs: a missing or mistyped column
 is an ``InputError`` naming the file and the column.
@@ -32,6 +36,7 @@ from typing import Any, Literal
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,6 +68,9 @@ class ParquetInput(BaseModel):
 
 
 class ParquetConfig(StageConfig):
+    model_config = ConfigDict(validate_by_name=True, validate_by_alias=True, serialize_by_alias=True)
+    copy_shards: bool = Field(False, alias="copy",
+                              description="write shards/NNNNN.tar instead of referencing the Parquet files in place")
     rows_per_shard: int = Field(10_000, ge=1)
     max_image_bytes: int = Field(64 << 20, ge=1, description="larger images are dropped unread")
     max_image_pixels: int = Field(89_478_485, gt=0, description="larger images are decompression bombs")
@@ -232,6 +240,8 @@ class ParquetSource(StatusIndex, SourceStage):
     # -- process -------------------------------------------------------------------------------
     def process(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
+        self._from_path = False
+        self._column = batch.column("_src_image_column")[0].as_py() if n else None
         drops = batch.column("_src_drop").to_pylist()
         details = batch.column("_src_detail").to_pylist()
         images: list[bytes | None] = [None] * n
@@ -263,6 +273,8 @@ class ParquetSource(StatusIndex, SourceStage):
                                      f"then): restore it, or run again with --overwrite")
             values = _image_values(fs, path, column, [rows[i] for i in idx])
             for i, value in zip(idx, values):
+                if isinstance(value, dict) and value.get("bytes") is None and value.get("path"):
+                    self._from_path = True
                 yield (i, *self._image(fs, path, value))
 
     def _image(self, fs: fsspec.AbstractFileSystem, parquet_path: str, value: Any
@@ -303,10 +315,33 @@ class ParquetSource(StatusIndex, SourceStage):
                 cols[name] = batch.column(name)
         return verdicts(batch.column("uid"), cols, drop=drops, detail=[clip(d) for d in details])
 
+    def source_files(self, batch: pa.Table) -> dict | None:
+        if self.config.copy_shards or getattr(self, "_from_path", False):
+            self._stored = "copy" + (" (an image read from a path beside the table)" if self._from_path else "")
+            return None
+        self._stored = "reference"
+        kept = batch.filter(pc.is_null(control(batch, DROP)))
+        return {"files": sorted(set(kept.column("source_file").to_pylist())), "column": self._column}
+
+    @classmethod
+    def read_in_place(cls, rows: pa.Table, record: dict) -> list[bytes | None]:
+        files = rows.column("source_file").to_pylist()
+        numbers = rows.column("source_row").to_pylist()
+        todo: dict[str, list[int]] = {}
+        for i, url in enumerate(files):
+            todo.setdefault(url, []).append(i)
+        out: list[bytes | None] = [None] * rows.num_rows
+        for url, idx in todo.items():
+            fs, path = fsspec.core.url_to_fs(url)
+            for i, value in zip(idx, _image_values(fs, path, record["column"], [numbers[i] for i in idx])):
+                out[i] = value.get("bytes") if isinstance(value, dict) else value
+        return out
+
     def shard_stats(self, out: pa.Table, duration: float) -> dict:
         reasons = Counter(r if r is not None else SUCCESS for r in control(out, DROP).to_pylist())
         return {"count": out.num_rows, "successes": reasons[SUCCESS], "failed": out.num_rows - reasons[SUCCESS],
-                "duration": duration, "status_dict": dict(sorted(reasons.items()))}
+                "duration": duration, "status_dict": dict(sorted(reasons.items())),
+                "stored": getattr(self, "_stored", None)}
 
 
 def _read_without_images(file: InputFile, spec: ParquetInput, batch_rows: int) -> Iterator[tuple[pa.Table, int]]:

@@ -1,8 +1,10 @@
 """The Parquet source: tables holding their images (bytes, or datasets' {bytes, path} structs) curated
-through the demo job's stages into written shards; wrong columns refused before any work; bad
+through the demo job's stages, read in place or copied into shards; wrong columns refused before any work; bad
 images each with their reason; resume and worker count change no byte."""
 import io
+import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -13,8 +15,11 @@ import pytest
 
 from recap.pipeline.inputs import InputError, InputSpec, plan_rows
 from recap.pipeline.inspect import inspect_dataset
+from recap.pipeline.errors import UserError
 from recap.pipeline.runner import run_job
-from recap.pipeline.stage import StageContext
+from recap.pipeline.stage import StageContext, get_stage_class
+from recap.pipeline.steps import SourceChanged, load_input
+from recap.pipeline.storage import Dataset
 from recap.stages.parquet_source import ParquetChanged, ParquetConfig, ParquetInput, ParquetSource
 from recap.stages.source_files import content_uid
 from tests.test_webdataset_source import (ROOT, demo_job, jpeg, read_index, resume_and_workers_are_byte_identical,
@@ -46,11 +51,47 @@ def write_tables(folder, samples: list[dict], per_file: int) -> list:
     return paths
 
 
-def test_a_table_of_image_bytes_curates_through_the_demo_stages(web, tmp_path, ray_local):
+def test_a_table_of_image_bytes_curates_in_place_through_the_demo_stages(web, tmp_path, ray_local):
+    """By default the images stay in the tables: no tar is written, the shards reference the files,
+    and every later stage reads exactly the bytes the table holds."""
     paths = write_tables(tmp_path / "in", web, per_file=50)
     out = tmp_path / "ds"
     run_job(demo_job({"kind": "parquet", "paths": str(tmp_path / "in/*.parquet")}, out, section={"rows_per_shard": 40},
                      section_key="parquet"), progress=False)
+    rep = inspect_dataset(str(out))
+    assert rep["invariant_ok"], rep["problems"]
+    assert rep["stages"]["dedup"]["dropped"].get("duplicate_image", 0) > 0 and rep["stages"]["balance"]["kept"] > 0
+    assert not list((out / "shards").glob("*.tar"))
+    records = [json.loads(p.read_text()) for p in sorted((out / "shards").glob("*.source.json"))]
+    assert len(records) == -(-len(web) // 40)
+    assert records[1]["files"] == [{"url": str(paths[0]), "size": paths[0].stat().st_size},
+                                   {"url": str(paths[1]), "size": paths[1].stat().st_size}]
+    by_url = {s["url"]: s for s in web}
+    ds, src = Dataset(str(out)), get_stage_class("parquet_images")
+    for shard in range(len(records)):
+        got = load_input(ds, shard, src, ["basic"], ("jpg", "url"))
+        assert got.num_rows and all(b == by_url[u]["image"] for u, b in
+                                    zip(got.column("url").to_pylist(), got.column("jpg").to_pylist()))
+
+
+def test_a_referenced_table_changed_after_ingest_is_named(web, tmp_path, ray_local):
+    (path,) = write_tables(tmp_path / "in", web[:20], per_file=20)
+    inp, out = {"kind": "parquet", "paths": str(path)}, tmp_path / "ds"
+    run_job(demo_job(inp, out, stages=[], section_key="parquet"), progress=False)
+    write_tables(tmp_path / "in", web[:19], per_file=20)  # the same file, one row short
+    # a later stage of this run reading it
+    with pytest.raises(SourceChanged, match=re.escape(f"{path}: the source file changed since it was read")):
+        load_input(Dataset(str(out)), 0, get_stage_class("parquet_images"), [], ("jpg",))
+    # the next run: its footer no longer matches the plan
+    with pytest.raises(UserError, match="made from another input"):
+        run_job(demo_job(inp, out, stages=["basic"], section_key="parquet"), progress=False)
+
+
+def test_a_table_of_image_bytes_copied_into_shards_curates_through_the_demo_stages(web, tmp_path, ray_local):
+    paths = write_tables(tmp_path / "in", web, per_file=50)
+    out = tmp_path / "ds"
+    run_job(demo_job({"kind": "parquet", "paths": str(tmp_path / "in/*.parquet")}, out,
+                     section={"rows_per_shard": 40, "copy": True}, section_key="parquet"), progress=False)
     rep = inspect_dataset(str(out))
     assert rep["invariant_ok"], rep["problems"]
     assert list(rep["stages"]) == ["parquet_images", "basic", "dedup", "balance"]
