@@ -90,6 +90,7 @@ class LLMServer:
         self.statuses: Counter[int] = Counter()
         self.auth_headers: list[str] = []
         self.in_flight = self.max_in_flight = 0
+        self.max_body = 0  # bytes of the largest request
         self._lock = threading.Lock()
         self._httpd: _Server | None = None
 
@@ -170,7 +171,10 @@ def _handler(srv: LLMServer):
                 self._send(404, b'{"error": "not found"}')
 
         def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+            raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            with srv._lock:
+                srv.max_body = max(srv.max_body, len(raw))
+            body = json.loads(raw or b"{}")
             if not self._authorised():
                 return
             seed = int(body.get("seed", -1))
