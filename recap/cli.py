@@ -169,9 +169,15 @@ def cmd_demo(args) -> int:
         print(f"generating the demo world ({args.samples} samples) in {world_dir} ...", flush=True)
         generate_world(world_dir, samples=args.samples, heldout=args.heldout, seed=args.seed, port=port)
     overrides = [f"input.path={world_dir / 'urls.parquet'}", f"download.allow_hosts=[127.0.0.1:{port}]"]
+    from recap.demo_teacher import demo_teacher, teacher_overrides
     from recap.jobs import DEMO_JOB
 
     args.job = args.job or str(DEMO_JOB)
+    if (world_dir / "heldout" / "shards").is_dir():
+        # the teacher of the clip and reinforce stages: trained here on the world's clean split, once
+        ckpt, trained = demo_teacher(world_dir, out / "teacher", seed=args.seed)
+        print(f"{'trained' if trained else 'reusing'} the demo teacher {ckpt}", flush=True)
+        overrides += teacher_overrides(args.job, ckpt)
     job = load_job(args.job, [*overrides, *(args.set or [])], output=str(out / "dataset"))
     print(f"serving the demo world on http://127.0.0.1:{port}; running {args.job} -> {job.output}", flush=True)
     with serve(world_dir, port=port):

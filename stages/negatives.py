@@ -9,7 +9,9 @@ left out, when (UniME / NegCLIP practice):
 
 - its caption matches the sample's image better than the sample's own caption does by more than
   ``margin`` (cos(image_i, text_j) > cos(image_i, text_i) + margin);
-- its image is a near-duplicate (cos(image_i, image_j) > 1 - ``near_dup_eps``);
+- its image is a near-duplicate: cos(image_i, image_j) > 1 - ``near_dup_eps``, or perceptual
+  hashes within ``phash_distance`` bits (a rescaled, recompressed copy a weak encoder may not put
+  that close; the partial hashes each image once and carries the hash);
 - it has the same caption (case and spacing aside);
 - it is in the same group of ``group_column`` (when an earlier stage wrote one).
 
@@ -34,7 +36,7 @@ from pydantic import Field, field_validator
 
 from recap.pipeline import rng
 from recap.pipeline.errors import UserError
-from recap.pipeline.stage import GlobalStage, StageConfig
+from recap.pipeline.stage import IMAGE_COLUMN, GlobalStage, StageConfig
 from recap.pipeline.stage_data import StageData
 from recap.pipeline.verdicts import verdicts
 from recap.stages.knn import IndexConfig, IndexTooSmall, build_index, check_trainable, search
@@ -51,6 +53,9 @@ class NegativesConfig(StageConfig):
     margin: float = Field(0.1, ge=0, description="drop a candidate whose caption fits the sample's image better "
                                                  "than its own caption by more than this")
     near_dup_eps: float = Field(0.02, gt=0, lt=1, description="drop candidates with cosine > 1 - eps (near-duplicates)")
+    phash_distance: int | None = Field(6, ge=0, le=32, description="drop candidates whose image's perceptual "
+                                                                  "hash is within this many bits (a re-encoded, "
+                                                                  "rescaled copy); null: no hashing")
     group_column: str = Field("dedup_group", description="drop candidates in the same group of this column, "
                                                          "when an earlier stage wrote it")
     rules: list[str] = Field(list(RULES), description=f"rule-based text negatives, in order: {', '.join(RULES)}")
@@ -102,7 +107,10 @@ class NegativesStage(GlobalStage):
     default_batch_size = 4096
 
     def reads(self) -> tuple[str, ...]:
-        return ("caption", "image_emb", "text_emb")
+        return ("caption", "image_emb", "text_emb") + ((IMAGE_COLUMN,) if self.config.phash_distance is not None else ())
+
+    def carry(self) -> tuple[str, ...]:
+        return ("neg_phash",) if self.config.phash_distance is not None else ()
 
     def optional_reads(self) -> tuple[str, ...]:
         return (self.config.group_column, *(c for c, _ in SYN_COLUMNS), *LLM_NEG_COLUMNS)
@@ -123,13 +131,22 @@ class NegativesStage(GlobalStage):
             self._check_index(self.ctx.n_inputs)
 
     def partial(self, batch: pa.Table) -> Any:
-        return {"n": batch.num_rows}
+        """The image's perceptual hash, computed once and carried to the reduce (8 bytes a sample)."""
+        if self.config.phash_distance is None:
+            return {"n": batch.num_rows}
+        from recap.stages.near_duplicates import phash_bytes, to_i64
+
+        hashes = []
+        for data in batch.column(IMAGE_COLUMN).to_pylist():
+            h, _ = phash_bytes(data)
+            hashes.append(None if h is None else to_i64(h))
+        return {"n": batch.num_rows}, pa.table({"uid": batch.column("uid"), "neg_phash": pa.array(hashes, pa.int64())})
 
     # -- reduce ---------------------------------------------------------------------------------
 
     def reduce(self, partials: list[Any]) -> dict:
         cfg: NegativesConfig = self.config
-        uids, captions, groups, imgs, txts = [], [], [], [], []
+        uids, captions, groups, imgs, txts, hashes = [], [], [], [], [], []
         for shard in range(self.data.n_shards):
             t = self.data.inputs(shard, ["caption", "image_emb", "text_emb"])
             if not t.num_rows:
@@ -140,6 +157,11 @@ class NegativesStage(GlobalStage):
                           else [None] * t.num_rows)
             imgs.append(t.column("image_emb"))
             txts.append(t.column("text_emb"))
+            if cfg.phash_distance is not None:
+                carried = self.data.carried(shard, ["uid", "neg_phash"])
+                if carried.column("uid").to_pylist() != t.column("uid").to_pylist():
+                    raise RuntimeError(f"shard {shard}: carried hashes do not line up with the input rows")
+                hashes.extend(carried.column("neg_phash").to_pylist())
         n = len(uids)
         summary: dict[str, Any] = {"samples": n, "index": cfg.index.kind}
         if not n:
@@ -156,16 +178,21 @@ class NegativesStage(GlobalStage):
         ruid = np.array(uids, dtype=object)[rows]
         rcap = [captions[r] for r in rows]
         rgrp = [groups[r] for r in rows]
+        rhash = [hashes[r] for r in rows] if hashes else [None] * len(rows)
         pos = np.einsum("ij,ij->i", I.astype(np.float64), T.astype(np.float64))
         kq = min(cfg.candidates, len(rows) - 1)
         use_gpu = self.resources.gpus > 0
         where = f"{self.ctx.stage}.index"
         self_ids = np.arange(len(rows))
-        dropped = {"margin": 0, "near_duplicate": 0, "same_caption": 0, "same_group": 0}
+        dropped = {"margin": 0, "near_duplicate": 0, "perceptual_duplicate": 0, "same_caption": 0, "same_group": 0}
 
         def keep(i: int, j: int, same_modal_sim: float) -> bool:
             if same_modal_sim > 1.0 - cfg.near_dup_eps:
                 dropped["near_duplicate"] += 1
+                return False
+            if rhash[i] is not None and rhash[j] is not None \
+                    and int(np.bitwise_count(np.uint64((rhash[i] ^ rhash[j]) & 0xFFFFFFFFFFFFFFFF))) <= cfg.phash_distance:
+                dropped["perceptual_duplicate"] += 1
                 return False
             if rcap[j] == rcap[i]:
                 dropped["same_caption"] += 1
@@ -226,7 +253,8 @@ class NegativesStage(GlobalStage):
     def apply(self, batch: pa.Table, state: dict) -> pa.Table:
         cfg: NegativesConfig = self.config
         nb, tnb = state["neighbours"], state["text_neighbours"]
-        cols = {c: batch.column(c).to_pylist() for c in batch.column_names if c not in ("image_emb", "text_emb")}
+        skip = ("image_emb", "text_emb", IMAGE_COLUMN, "neg_phash")
+        cols = {c: batch.column(c).to_pylist() for c in batch.column_names if c not in skip}
         rows = [dict(zip(cols, vals)) for vals in zip(*cols.values())]
         lex = self._lexicon() if cfg.rules else None
         out = {k: [] for k in self.writes()}

@@ -53,6 +53,7 @@ _STOP = {"a", "an", "the", "of", "on", "in", "at", "with", "and", "or", "to", "b
          "drawing", "art", "clip", "shape", "shapes", "object", "objects", "there", "which", "who", "very"}
 NUMBER_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 _PLURAL_ES = ("s", "x", "z", "ch", "sh")
+MAX_WORDS = 48
 _WORD = re.compile(r"[A-Za-z]+|\d+|[^A-Za-z\d]+")
 
 
@@ -322,13 +323,18 @@ def make_negatives(text: str, rules: tuple[str, ...] | list[str], g: np.random.G
     """(negative, type) for each rule that changes ``text``, in ``rules`` order; at most one per
     rule, never the text itself nor a repeat."""
     toks = _tokens(text or "")
+    # the rules read the head of a caption (a text encoder sees 77 tokens anyway): a huge caption
+    # costs no more than a short one, and pairs of its nouns stay few
+    cut = [i for i, t in enumerate(toks) if t.isalpha()]
+    tail = toks[cut[MAX_WORDS]:] if len(cut) > MAX_WORDS else []
+    toks = toks[:len(toks) - len(tail)]
     out: list[tuple[str, str]] = []
     seen = {" ".join((text or "").lower().split())}
     for rule in rules:
         res = _RULE_FNS[rule](toks, lex, g)
         if res is None:
             continue
-        neg = "".join(res)
+        neg = "".join(res + tail)
         key = " ".join(neg.lower().split())
         if key in seen:
             continue
