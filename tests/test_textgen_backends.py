@@ -291,6 +291,14 @@ def test_coca_top_p_sampling_is_seeded_per_image_and_batch_independent():
     assert len(set(others)) > 1  # sampling, not greedy
     tiny_p = generate(model, x, max_len=12, top_p=1e-6, generators=gens([5, 6, 7]))
     assert decode(tiny_p) == decode(generate(model, x, max_len=12))  # a nucleus of one token is greedy
+    # the nucleus from the top 256 tokens is the one a full sort finds, peaked rows and flat ones alike
+    from recap.trainer.generate import _nucleus, _pick
+
+    g = torch.Generator().manual_seed(0)
+    for scale in (0.05, 3.0, 12.0):
+        probs = torch.softmax(torch.randn(8, 5000, generator=g) * scale, -1)
+        u = torch.rand(8, generator=g)
+        assert torch.equal(_nucleus(probs, u, 0.9), _pick(*probs.sort(-1, descending=True), u, 0.9))
     with pytest.raises(ValueError, match="one generator per image"):
         generate(model, x, top_p=0.9, generators=gens([1]))
     torch.set_num_threads(threads)

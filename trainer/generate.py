@@ -88,20 +88,42 @@ def _sample(model, latent, embs, max_len, min_len, top_p, temperature, generator
     while seqs.shape[1] < max_len and not done.all():
         logp = _next_logprobs(model, seqs, latent, embs, min_len)
         probs = torch.softmax(logp / temperature, dim=-1).cpu()
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        cum = sorted_p.cumsum(-1)
-        sorted_p = torch.where(cum - sorted_p < top_p, sorted_p, torch.zeros_like(sorted_p))  # the nucleus
-        cum = sorted_p.cumsum(-1)
         # one uniform draw per image from its own generator: the batch never changes a caption
-        u = torch.cat([torch.rand(1, generator=g) for g in generators]) * cum[:, -1]
-        pick = torch.searchsorted(cum, u[:, None]).clamp(max=cum.shape[1] - 1)
-        nxt = order.gather(1, pick)[:, 0].to(latent.device)
+        u = torch.cat([torch.rand(1, generator=g) for g in generators])
+        nxt = _nucleus(probs, u, top_p).to(latent.device)
         if seqs.shape[1] == max_len - 1:
             nxt = torch.full_like(nxt, EOT)
         nxt = torch.where(done, torch.full_like(nxt, PAD), nxt)
         seqs = torch.cat([seqs, nxt[:, None]], 1)
         done |= nxt == EOT
     return seqs
+
+
+_NUCLEUS_FIRST = 256  # tokens looked at before sorting the whole vocabulary
+
+
+def _nucleus(probs: torch.Tensor, u: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The token at quantile ``u`` of each row's nucleus (the smallest set of most likely tokens
+    whose probability reaches ``top_p``). The nucleus is a prefix of the sorted row, so a row whose
+    top 256 tokens already reach ``top_p`` needs no full sort; the answer is the same."""
+    out = torch.empty(probs.shape[0], dtype=torch.long)
+    vals, idx = probs.topk(min(_NUCLEUS_FIRST, probs.shape[1]), dim=-1)
+    short = vals.sum(-1) >= top_p
+    if short.any():
+        out[short] = _pick(vals[short], idx[short], u[short], top_p)
+    if not short.all():
+        rest = ~short
+        vals, idx = probs[rest].sort(dim=-1, descending=True)
+        out[rest] = _pick(vals, idx, u[rest], top_p)
+    return out
+
+
+def _pick(sorted_p: torch.Tensor, order: torch.Tensor, u: torch.Tensor, top_p: float) -> torch.Tensor:
+    cum = sorted_p.cumsum(-1)
+    kept = torch.where(cum - sorted_p < top_p, sorted_p, torch.zeros_like(sorted_p))
+    cum = kept.cumsum(-1)
+    pick = torch.searchsorted(cum, (u * cum[:, -1])[:, None]).clamp(max=cum.shape[1] - 1)
+    return order.gather(1, pick)[:, 0]
 
 
 def _beam(model, latent, embs, max_len, min_len, k, length_penalty) -> torch.Tensor:
