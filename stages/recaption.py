@@ -115,7 +115,9 @@ class RecaptionStage(MapStage):
     def process(self, batch: pa.Table) -> pa.Table:
         cfg: RecaptionConfig = self.config
         uids = batch.column("uid").to_pylist()
-        images = [_servable(d) for d in batch.column(IMAGE_COLUMN).to_pylist()]
+        raw = batch.column(IMAGE_COLUMN).to_pylist()
+        # CoCa decodes the bytes itself (a bad image is its llm_bad_image); a VLM needs a format it takes
+        images = [d or None for d in raw] if cfg.backend.kind == "coca" else [_servable(d) for d in raw]
         alts = batch.column(cfg.text_column).to_pylist() if cfg.mode == "fusion" else [None] * len(uids)
         outcomes = [Outcome() for _ in uids]
         extra: list[list[str]] = [[] for _ in uids]
