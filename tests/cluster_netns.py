@@ -6,7 +6,6 @@ is the namespace's first, so every process it starts (Ray's included) dies when 
 Writes what it saw to SPEC["result"] for the test to judge."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,10 +24,18 @@ def _env(base: dict, **changes) -> dict:
     return env
 
 
+def _start(cmd: list[str], env: dict) -> tuple[subprocess.Popen, float]:
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), time.time()
+
+
+def _finish(started: tuple[subprocess.Popen, float], timeout: float = 240) -> dict:
+    proc, t0 = started
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return {"rc": proc.returncode, "stdout": stdout, "stderr": stderr, "seconds": round(time.time() - t0, 2)}
+
+
 def _timed(cmd: list[str], env: dict, timeout: float = 240) -> dict:
-    started = time.time()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    return {"rc": r.returncode, "stdout": r.stdout, "stderr": r.stderr, "seconds": round(time.time() - started, 2)}
+    return _finish(_start(cmd, env), timeout)
 
 
 def _nodes(env: dict, address: str) -> dict:
@@ -54,7 +61,9 @@ def main(spec_path: str) -> None:
     (tmp / "token").write_text(token)
     base = _env(os.environ, HOME=str(home), RAY_USAGE_STATS_ENABLED="0", RAY_ADDRESS=None,
                 RAY_AUTH_TOKEN=None, RAY_AUTH_TOKEN_PATH=None, RAY_AUTH_MODE=None)
-    cluster = _env(base, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(tmp / "token"))
+    # a lost node is declared dead after 3 missed 1 s health checks (Ray's default: 5 of 3 s)
+    cluster = _env(base, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(tmp / "token"),
+                   RAY_health_check_period_ms="1000", RAY_health_check_failure_threshold="3")
     bin_ray = str(Path(sys.executable).parent / "ray")
     address = f"127.0.0.1:{RAY_PORT}"
     recap = [sys.executable, "-m", "recap.cli", "run", spec["job"], *spec["args"], "--quiet"]
@@ -62,57 +71,74 @@ def main(spec_path: str) -> None:
     with serve(Path(spec["world"]), port=spec["world_port"]):
         out["head"] = _timed([bin_ray, "start", "--head", f"--port={RAY_PORT}", "--num-cpus=1",
                               f"--temp-dir={tmp / 'r'}", "--include-dashboard=false", "--disable-usage-stats"], cluster)
-        out["worker"] = _timed([bin_ray, "start", f"--address={address}", "--num-cpus=1",
-                                '--resources={"second_node": 1}', "--disable-usage-stats"], cluster)
-        # a wrong token, and none at all: named within seconds
-        out["wrong_token"] = _timed([*recap, "--address", address, "--output", str(tmp / "wrong")],
-                                    _env(base, RAY_AUTH_TOKEN="not-" + token[4:]))
-        out["no_token"] = _timed([*recap, "--address", address, "--output", str(tmp / "none")], base)
-        out["unreachable"] = _timed([*recap, "--address", "127.0.0.1:9", "--output", str(tmp / "unreach")], base)
+        # Ray gives a raylet 30 s to register, which a loaded machine can miss: one more try
+        for _ in range(2):
+            out["worker"] = _timed([bin_ray, "start", f"--address={address}", "--num-cpus=1",
+                                    '--resources={"second_node": 1}', "--disable-usage-stats"], cluster)
+            if out["worker"]["rc"] == 0:
+                break
+        # a wrong token, none at all, a dead address: side by side (each is a recap start-up)
+        started = {
+            "wrong_token": _start([*recap, "--address", address, "--output", str(tmp / "wrong")],
+                                  _env(base, RAY_AUTH_TOKEN="not-" + token[4:])),
+            "no_token": _start([*recap, "--address", address, "--output", str(tmp / "none")], base),
+            "unreachable": _start([*recap, "--address", "127.0.0.1:9", "--output", str(tmp / "unreach")], base),
+        }
+        out.update({name: _finish(p) for name, p in started.items()})
         # the token in Ray's default place, ~/.ray/auth_token; RAY_AUTH_MODE left unset
         (home / ".ray").mkdir()
         (home / ".ray" / "auth_token").write_text(token)
-        run = [*recap, "--address", address, "--output", spec["output"]]
-        if spec.get("kill_second_node_after_commits"):
-            out["run"] = _run_losing_a_node(run, base, cluster, address, spec)
-        else:
-            out["run"] = _timed(run, base)
+        out["run"] = _timed([*recap, "--address", address, "--output", spec["output"]], base)
         out["nodes"] = _nodes(cluster, address)
+        if spec.get("loss_output"):  # the same job again, and the second node dies in the middle of it
+            out["loss_run"] = _run_losing_a_node([*recap, "--address", address, "--output", spec["loss_output"]],
+                                                 base, Path(spec["loss_output"]), spec["kill_after_commits"])
+            out["nodes_after_loss"] = _nodes(cluster, address)
         out["listening"] = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
     Path(spec["result"]).write_text(json.dumps(out))
 
 
-def _run_losing_a_node(run: list[str], env: dict, cluster_env: dict, address: str, spec: dict) -> dict:
-    """Start the run, kill the second node's raylet (and with it its workers) once the dataset
-    holds ``kill_second_node_after_commits`` commit markers, and let the run finish."""
-    started = time.time()
-    proc = subprocess.Popen(run, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    commits = Path(spec["output"]) / "commits"
+def _run_losing_a_node(run: list[str], env: dict, output: Path, after: int) -> dict:
+    """Start the run; once the dataset holds ``after`` commit markers, SIGKILL the second node's
+    raylet and the workers it started (the node is gone, as when a machine dies); let the run finish."""
+    started = _start(run, env)
+    commits = output / "commits"
     killed = None
-    while proc.poll() is None and killed is None:
-        n = sum(1 for _ in commits.rglob("*.json")) if commits.exists() else 0
-        if n >= spec["kill_second_node_after_commits"]:
-            killed = _kill_second_node(cluster_env, address)
-        time.sleep(0.2)
-    stdout, stderr = proc.communicate(timeout=600)
-    return {"rc": proc.returncode, "stdout": stdout, "stderr": stderr, "seconds": round(time.time() - started, 2),
-            "killed": killed}
+    while started[0].poll() is None and killed is None:
+        markers = sum(1 for _ in commits.rglob("*.json")) if commits.exists() else 0
+        if markers >= after:
+            killed = {"markers": markers, "pids": _kill_second_node()}
+        time.sleep(0.1)
+    return {**_finish(started, timeout=600), "killed": killed}
 
 
-def _kill_second_node(env: dict, address: str) -> dict | None:
-    """SIGKILL the raylet of the node with the ``second_node`` resource: its pid is in
-    /proc, found by the resource on the raylet's command line."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+def _cmdline(pid: int) -> list[bytes]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return []
+
+
+def _kill_second_node() -> list[int]:
+    """The raylet with the ``second_node`` resource on its command line, and every process it
+    started (its workers and agents), all at once."""
+    import psutil
+
+    pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    raylets = [p for p in pids if (c := _cmdline(p)) and c[0].endswith(b"raylet") and any(b"second_node" in a for a in c)]
+    doomed = []
+    for pid in raylets:
         try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if cmd and cmd[0].endswith(b"raylet") and any(b"second_node" in part for part in cmd):
-            os.kill(int(pid), signal.SIGKILL)
-            return {"pid": int(pid), "at": time.time()}
-    return None
+            proc = psutil.Process(pid)
+            doomed += [proc, *proc.children(recursive=True)]
+        except psutil.Error:
+            pass
+    for proc in doomed:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    return sorted(p.pid for p in doomed)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from tests.conftest import free_port
 psutil = pytest.importorskip("psutil")
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO = str(ROOT / "jobs" / "demo.yaml")
 BIN = Path(sys.executable).parent
 
 
@@ -35,21 +34,34 @@ def test_is_loopback_reads_every_form_a_socket_shows():
         assert not is_loopback(host), host
 
 
+# The demo job's first half (download, a map stage, two global stages), fixed here so these tests
+# do not change when the demo job grows.
+JOB = """\
+name: cluster-test
+seed: 0
+input: {{path: {world}/urls.parquet, url_col: url, caption_col: caption}}
+output: unused
+download: {{image_size: 64, samples_per_shard: 30, timeout: 2, retries: 1, allow_hosts: [127.0.0.1:{port}]}}
+stages:
+  - basic: {{min_image_size: 32, min_caption_words: 2}}
+  - dedup: {{}}
+  - balance: {{metadata: {root}/jobs/demo-metadata.json, t: 40}}
+"""
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    """The demo world's web on 127.0.0.1, and JOB over it; (job file, world folder, port)."""
     from recap.world.generate import generate_world
     from recap.world.server import serve
 
     port = free_port()
     out = tmp_path_factory.mktemp("world") / "w"
     generate_world(out, samples=120, heldout=5, seed=3, port=port)
+    job = out.parent / "job.yaml"
+    job.write_text(JOB.format(world=out, port=port, root=ROOT))
     with serve(out, port=port):
-        yield out, port
-
-
-def world_args(world_dir: Path, port: int) -> list[str]:
-    return ["--set", f"input.path={world_dir / 'urls.parquet'}", "--set", f"download.allow_hosts=[127.0.0.1:{port}]",
-            "--set", "download.samples_per_shard=30", "--set", "download.timeout=2"]
+        yield job, out, port
 
 
 def _listening(pids: set[int]) -> dict[tuple[str, int], str]:
@@ -94,11 +106,11 @@ def _session(root: psutil.Process) -> set[int]:
 def local_run(world, tmp_path_factory):
     """A local `recap run` of the demo job, with every listening socket any of its processes
     opened, sampled all through the run."""
-    world_dir, port = world
+    job, _, _ = world
     cwd = tmp_path_factory.mktemp("local")
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "recap.cli", "run", DEMO, *world_args(world_dir, port),
+    proc = subprocess.Popen([sys.executable, "-m", "recap.cli", "run", str(job),
                              "--output", str(cwd / "ds"), "--quiet", "--cpus", "2"],
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -136,7 +148,7 @@ def _netns_unavailable() -> str | None:
     for tool in ("unshare", "ip"):
         if shutil.which(tool) is None:
             return f"the multi-node tests need `{tool}`"
-    r = subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount-proc", "true"], capture_output=True, text=True)
+    r = subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child", "true"], capture_output=True, text=True)
     if r.returncode:
         return f"unshare --net --pid is refused here: {r.stderr.strip()}"
     return None
@@ -150,14 +162,15 @@ def _in_netns(world, output: Path, **extra) -> dict:
     """Run tests/cluster_netns.py in a network and pid namespace of its own; its report."""
     import secrets
 
-    world_dir, port = world
+    job, world_dir, port = world
     tmp = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: Ray's socket paths live under it
     try:
         spec = {"tmp": str(tmp), "token": "tok-" + secrets.token_hex(16), "world": str(world_dir), "world_port": port,
-                "job": DEMO, "args": world_args(world_dir, port), "output": str(output),
+                "job": str(job), "args": [], "output": str(output),
                 "result": str(tmp / "result.json"), **extra}
         (tmp / "spec.json").write_text(json.dumps(spec))
-        r = subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount-proc", sys.executable, "-m",
+        # --kill-child: should the test time out, the namespace's first process dies, and every other with it
+        r = subprocess.run(["unshare", "--net", "--pid", "--fork", "--mount-proc", "--kill-child", sys.executable, "-m",
                             "tests.cluster_netns", str(tmp / "spec.json")], cwd=ROOT, capture_output=True, text=True,
                            timeout=420, env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert r.returncode == 0 and (tmp / "result.json").exists(), r.stderr[-3000:]
@@ -174,22 +187,30 @@ def _says(r: dict, *words: str) -> None:
 
 
 def _no_secret(token: str, report: dict, dataset: Path) -> None:
-    for name in ("wrong_token", "no_token", "unreachable", "run"):
+    for name in ("wrong_token", "no_token", "unreachable", "run", "loss_run"):
         assert token[4:] not in report[name]["stdout"] + report[name]["stderr"], name
     for d, _, files in os.walk(dataset):
         for f in files:
             assert token[4:].encode() not in (Path(d) / f).read_bytes(), Path(d) / f
 
 
+@pytest.fixture(scope="module")
+def cluster(world, tmp_path_factory):
+    """One two-node cluster for the module: the error cases, a run, and a run that loses a node."""
+    out = tmp_path_factory.mktemp("cluster")
+    report = _in_netns(world, out / "ds", loss_output=str(out / "lost"), kill_after_commits=3)
+    return report, out
+
+
 @needs_netns
-def test_two_nodes_with_token_auth_give_the_local_bytes(world, local_run, tmp_path):
+def test_two_nodes_with_token_auth_give_the_local_bytes(cluster, local_run):
     """`ray start --head` plus a second `ray start --address` node with a custom resource, token
     auth on: a wrong token, no token and a dead address are each named within seconds; with the
     token in ~/.ray/auth_token the demo job runs with shards on both nodes (the manifest says which
     node ran each (step, shard)) and its files are byte-identical to the local run's."""
     from tests.test_engine import digest
 
-    report = _in_netns(world, tmp_path / "cluster")
+    report, out = cluster
     assert [line.split()[1] for line in report["interfaces"].splitlines()] == ["lo", "lo"], report["interfaces"]
     assert report["head"]["rc"] == 0 and report["worker"]["rc"] == 0, (report["head"], report["worker"])
 
@@ -201,7 +222,7 @@ def test_two_nodes_with_token_auth_give_the_local_bytes(world, local_run, tmp_pa
 
     run = report["run"]
     assert run["rc"] == 0, run["stderr"][-3000:]
-    manifest = json.loads((tmp_path / "cluster" / "manifest.json").read_text())
+    manifest = json.loads((out / "ds" / "manifest.json").read_text())
     second = [n for n, info in report["nodes"].items() if "second_node" in info["resources"]]
     assert len(report["nodes"]) == 2 and len(second) == 1, report["nodes"]
     ran_on = {node for by_node in manifest["nodes"].values() for node in by_node}
@@ -210,5 +231,64 @@ def test_two_nodes_with_token_auth_give_the_local_bytes(world, local_run, tmp_pa
         shards = sorted(s for ss in by_node.values() for s in ss)
         assert shards == list(range(manifest["shards"])), (step, by_node)  # each shard once, on one node
 
-    assert digest(tmp_path / "cluster") == digest(local_run[0])
-    _no_secret(report["token"], report, tmp_path / "cluster")
+    assert digest(out / "ds") == digest(local_run[0])
+    _no_secret(report["token"], report, out / "ds")
+
+
+@needs_netns
+def test_losing_a_node_mid_stage_still_gives_the_local_bytes(cluster, local_run):
+    """The second node's raylet and its workers are SIGKILLed while the first streaming segment
+    runs: Ray retries the lost work on the head and the (stage, shard) commits keep what was
+    done, so the job finishes with the same bytes as a local run."""
+    from tests.test_engine import digest
+
+    report, out = cluster
+    run = report["loss_run"]
+    assert run["killed"] and run["killed"]["pids"], run.get("killed")
+    assert run["rc"] == 0, run["stderr"][-3000:]
+    second = [n for n, info in report["nodes"].items() if "second_node" in info["resources"]]
+    dead = [n for n, info in report["nodes_after_loss"].items() if not info["alive"]]
+    assert dead == second, (report["nodes"], report["nodes_after_loss"])  # Ray saw that node die
+    manifest = json.loads((out / "lost" / "manifest.json").read_text())
+    assert manifest["status"] == "done"
+    total = sum(len(shards) for step in manifest["nodes"].values() for shards in step.values())
+    assert run["killed"]["markers"] < total  # the node died with work left
+    assert digest(out / "lost") == digest(local_run[0])
+
+
+def test_the_token_comes_from_rays_places_in_rays_order(tmp_path, monkeypatch):
+    from recap.pipeline.ray_cluster import ClusterAuthError, token_source
+
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert token_source() is None
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("")
+    assert token_source() is None  # an empty file is no token
+    (tmp_path / ".ray" / "auth_token").write_text("t1")
+    assert token_source() == str(tmp_path / ".ray" / "auth_token")
+    (tmp_path / "tok").write_text("t2\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "tok"))
+    assert token_source() == f"RAY_AUTH_TOKEN_PATH={tmp_path / 'tok'}"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t3")
+    assert token_source() == "RAY_AUTH_TOKEN"  # what is named, never the token itself
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(ClusterAuthError, match="RAY_AUTH_TOKEN_PATH=.*missing"):
+        token_source()
+
+
+def test_an_address_where_no_ray_cluster_answers_is_named_within_seconds(world, tmp_path):
+    """A port that answers, but is no Ray GCS (the world's HTTP server): named, exit 2, long before
+    Ray's own client would give up (40 s)."""
+    job, _, port = world
+    started = time.time()
+    r = subprocess.run([sys.executable, "-m", "recap.cli", "run", str(job), "--output", str(tmp_path / "ds"),
+                        "--address", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "RAY_AUTH_TOKEN": "some-token"})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert f"--address 127.0.0.1:{port}" in r.stderr and "no Ray cluster answered" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr and "some-token" not in r.stderr + r.stdout
+    assert time.time() - started < 60
+    assert not (tmp_path / "ds").exists()  # nothing written before the cluster was checked
