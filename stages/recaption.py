@@ -16,7 +16,6 @@ drop`` the sample leaves instead.
 """
 from __future__ import annotations
 
-import io
 from typing import Literal
 
 import pyarrow as pa
@@ -24,7 +23,8 @@ from pydantic import Field, computed_field, model_validator
 
 from recap.models.textgen.base import BackendConfig, BackendUnavailable, Request
 from recap.models.textgen.safety import clean_caption, delimit, echo_problem
-from recap.models.textgen.stage_io import Outcome, Runner, digest, request_seed, stage_cache, verdict_lists
+from recap.models.textgen.stage_io import (Outcome, Runner, digest, request_seed, servable_image, stage_cache,
+                                           verdict_lists)
 from recap.pipeline.stage import IMAGE_COLUMN, MapStage, StageConfig
 from recap.pipeline.stage_data import StageData
 from recap.pipeline.verdicts import verdicts
@@ -117,7 +117,7 @@ class RecaptionStage(MapStage):
         uids = batch.column("uid").to_pylist()
         raw = batch.column(IMAGE_COLUMN).to_pylist()
         # CoCa decodes the bytes itself (a bad image is its llm_bad_image); a VLM needs a format it takes
-        images = [d or None for d in raw] if cfg.backend.kind == "coca" else [_servable(d) for d in raw]
+        images = [d or None for d in raw] if cfg.backend.kind == "coca" else [servable_image(d) for d in raw]
         alts = batch.column(cfg.text_column).to_pylist() if cfg.mode == "fusion" else [None] * len(uids)
         outcomes = [Outcome() for _ in uids]
         extra: list[list[str]] = [[] for _ in uids]
@@ -175,23 +175,3 @@ class RecaptionStage(MapStage):
         return [f"  {cls.name}: {summary['captions']} captions for {summary['samples']} samples "
                 f"({summary['empty']} without any)"]
 
-
-def _servable(data: bytes | None) -> bytes | None:
-    """The image as bytes a VLM takes (JPEG, PNG, WebP, GIF as they are; other formats PIL reads,
-    re-encoded as PNG), or None when no decoder takes it."""
-    from PIL import Image
-
-    from recap.models.textgen.openai_compat import image_mime
-
-    if not data:
-        return None
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            if image_mime(data) is not None:
-                return data
-            buf = io.BytesIO()
-            im.convert("RGBA" if "A" in im.getbands() else "RGB").save(buf, "PNG")
-            return buf.getvalue()
-    except Exception:  # noqa: BLE001 - any decoder failure means the same: this image cannot be captioned
-        return None

@@ -38,7 +38,8 @@ from pydantic import Field, PrivateAttr, computed_field, model_validator
 
 from recap.models.textgen.base import BackendConfig, BackendUnavailable, Request
 from recap.models.textgen.safety import clean_caption, delimit, echo_problem, parse_json
-from recap.models.textgen.stage_io import Outcome, Runner, digest, request_seed, stage_cache, verdict_lists
+from recap.models.textgen.stage_io import (Outcome, Runner, digest, request_seed, servable_image, stage_cache,
+                                           verdict_lists)
 from recap.pipeline.rng import generator
 from recap.pipeline.stage import IMAGE_COLUMN, LocalPath, MapStage, StageConfig
 from recap.pipeline.stage_data import StageData
@@ -273,7 +274,9 @@ class RewriteStage(MapStage):
         invalid or rejected reply; returns per sample the list of valid values."""
         cfg: RewriteConfig = self.config
         values: list[list[dict]] = [[] for _ in uids]
-        pending = [(s, j) for s in range(len(uids)) for j in range(cfg.k) if captions[s] or images is not None]
+        # with images (hqclip) every sample whose image can be sent, else every non-empty caption
+        wanted = [images[s] is not None if images is not None else bool(captions[s]) for s in range(len(uids))]
+        pending = [(s, j) for s in range(len(uids)) for j in range(cfg.k) if wanted[s]]
         last: dict[tuple[int, int], tuple[str, str | None]] = {}
         for attempt in range(cfg.json_retries + 1):
             if not pending:
@@ -319,20 +322,12 @@ class RewriteStage(MapStage):
         return None
 
     def _hqclip(self, uids, captions, images, outcomes, name) -> dict[str, list]:
-        from recap.models.textgen.openai_compat import image_mime
-
-        imgs = []
-        for s, data in enumerate(images):
-            ok = data is not None and image_mime(data) is not None
-            imgs.append(data if ok else None)
-        # an image the VLM cannot take is this sample's failure, not a request
-        bad = [s for s, d in enumerate(imgs) if d is None]
+        imgs = [servable_image(d) for d in images]
+        for s, d in enumerate(imgs):  # an image no decoder takes is this sample's failure, not a request
+            if d is None:
+                outcomes[s].fail("llm_bad_image", "no decoder takes the image")
         values = self._json_requests(uids, captions, imgs, outcomes, name, HQCLIP_INSTRUCTION, HQCLIP_SCHEMA,
-                                     lambda cap: f"Alt-text: {delimit(cap)}") if len(bad) < len(uids) else [[] for _ in uids]
-        for s in bad:
-            values[s] = []
-            outcomes[s].reasons = ["llm_bad_image"]
-            outcomes[s].details = ["not a JPEG, PNG, WebP or GIF image"]
+                                     lambda cap: f"Alt-text: {delimit(cap)}")
         cols = {c: [] for c in MODE_COLUMNS["hqclip"]}
         for vals in values:
             cols["long_positive"].append([v["long_positive"].strip() for v in vals])

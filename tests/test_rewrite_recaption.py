@@ -352,3 +352,31 @@ def test_injected_instructions_and_bad_captions_do_not_change_the_output(tmp_pat
     assert bodies == 8 + 6 + 6 + 2 + 2
     assert neg[1]["neg_text_llm"] == [] and neg[1]["_note"] == "llm_malformed"  # an echo is no JSON
     assert neg[0]["neg_type_llm"] == ["swap_nouns", "replace_noun"]
+
+
+def test_images_a_vlm_cannot_take_are_noted_not_sent(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from recap.pipeline.stage import StageContext
+    from recap.stages.rewrite import RewriteConfig, RewriteStage
+
+    def encoded(fmt: str) -> bytes:
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), (200, 30, 30)).save(buf, fmt)
+        return buf.getvalue()
+
+    images = [encoded("PNG"), encoded("BMP"), b"GIF89a not really", None, encoded("JPEG")]
+    caps = ["a red box", "a red box in bmp", "garbage", "missing", "the server refuses this one"]
+    with LLMServer(rules={"refuses": "bad_image"}) as srv:
+        cfg = RewriteConfig.model_validate({"mode": "hqclip", "k": 1, "backend": openai_backend(srv)})
+        st = RewriteStage(cfg, StageContext("t", 0, "rewrite", str(tmp_path)))
+        st.setup()
+        out = st.process(pa.table({"uid": [f"{i:032x}" for i in range(5)], "caption": caps,
+                                   "jpg": pa.array(images, pa.binary())})).to_pylist()
+        sent = srv.total
+    assert [r["_note"] for r in out] == [None, None, "llm_bad_image", "llm_bad_image", "llm_http_400"]
+    assert out[1]["long_positive"] == ["a detailed picture showing a red box in bmp, variant " +
+                                       out[1]["long_positive"][0].rsplit(" ", 1)[-1]]  # BMP re-encoded as PNG, sent
+    assert sent == 3  # the two images no decoder takes were never sent

@@ -26,6 +26,29 @@ def stage_cache(dataset_url: str, stage: str, enabled: bool) -> RequestCache:
     return RequestCache(f"{base.rstrip('/')}/{output_rel(stage, 'cache')}" if base else None)
 
 
+def servable_image(data: bytes | None) -> bytes | None:
+    """The image as bytes a VLM takes (JPEG, PNG, WebP, GIF as they are; other formats PIL reads,
+    re-encoded as PNG), or None when no decoder takes it."""
+    import io
+
+    from PIL import Image
+
+    from recap.models.textgen.openai_compat import image_mime
+
+    if not data:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            if image_mime(data) is not None:
+                return data
+            buf = io.BytesIO()
+            im.convert("RGBA" if "A" in im.getbands() else "RGB").save(buf, "PNG")
+            return buf.getvalue()
+    except Exception:  # noqa: BLE001 - any decoder failure means the same: this image cannot be sent
+        return None
+
+
 def digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
