@@ -94,7 +94,6 @@ def main(spec_path: str) -> None:
             out["loss_run"] = _run_losing_a_node([*recap, "--address", address, "--output", spec["loss_output"]],
                                                  base, Path(spec["loss_output"]), spec["kill_after_commits"])
             out["nodes_after_loss"] = _nodes(cluster, address)
-        out["listening"] = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
     Path(spec["result"]).write_text(json.dumps(out))
 
 

@@ -104,7 +104,7 @@ def _session(root: psutil.Process) -> set[int]:
 
 @pytest.fixture(scope="module")
 def local_run(world, tmp_path_factory):
-    """A local `recap run` of the demo job, with every listening socket any of its processes
+    """A local `recap run` of JOB, with every listening socket any of its processes
     opened, sampled all through the run."""
     job, _, _ = world
     cwd = tmp_path_factory.mktemp("local")
