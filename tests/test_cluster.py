@@ -117,18 +117,36 @@ def local_run(world, tmp_path_factory):
     seen: dict[tuple[str, int], str] = {}
     root = psutil.Process(proc.pid)
     deadline = time.time() + 240
+    probe = None
     while proc.poll() is None and time.time() < deadline:
         seen.update(_listening(_session(root)))
+        gcs = [addr for addr, name in seen.items() if name == "gcs_server"]
+        if gcs and probe is None:  # knock on the GCS with a wrong token while the run is on
+            probe = subprocess.Popen([sys.executable, "-c", WRONG_TOKEN_PROBE, f"127.0.0.1:{gcs[0][1]}"],
+                                     env={**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"},
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         time.sleep(0.3)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-3000:]
-    return cwd / "ds", seen
+    answer = probe.communicate(timeout=120)[0].strip() if probe else None
+    return cwd / "ds", seen, answer
+
+
+WRONG_TOKEN_PROBE = """\
+import sys
+from ray._raylet import GcsClient
+try:
+    GcsClient(address=sys.argv[1]).internal_kv_get(b"probe", None, timeout=5)
+    print("accepted")
+except Exception as e:
+    print(type(e).__name__)
+"""
 
 
 def test_a_local_run_listens_on_loopback_only(local_run):
     """Every socket any process of a local `recap run` opens for listening is on 127.0.0.0/8 (or
     ::1); and the sample did see Ray's servers, so it could fail."""
-    ds, seen = local_run
+    ds, seen, _ = local_run
     names = set(seen.values())
     assert {"gcs_server", "raylet"} <= names, f"the sample missed Ray's servers: {seen}"
     exposed = {addr: name for addr, name in seen.items() if not is_loopback(addr[0])}
@@ -140,6 +158,12 @@ def test_a_local_run_listens_on_loopback_only(local_run):
     assert set(ran) >= {"download", "basic"}
     assert {len(by_node) for by_node in ran.values()} == {1}
     assert sorted(next(iter(ran["download"].values()))) == list(range(manifest["shards"]))
+
+
+def test_a_local_run_also_refuses_a_wrong_token(local_run):
+    """Loopback is reachable by the machine's other users: Ray's token authentication (on by
+    default for a new local cluster in Ray 2.60) refuses a client with the wrong token."""
+    assert local_run[2] == "AuthenticationError"
 
 
 def _netns_unavailable() -> str | None:
