@@ -302,3 +302,61 @@ def test_coca_top_p_sampling_is_seeded_per_image_and_batch_independent():
     with pytest.raises(ValueError, match="one generator per image"):
         generate(model, x, top_p=0.9, generators=gens([1]))
     torch.set_num_threads(threads)
+
+
+# -- transformers: a tiny causal LM built here, random weights (runs where transformers is installed) ----------
+
+@pytest.fixture(scope="module")
+def tiny_lm(tmp_path_factory):
+    pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    words = ["<eos>", "<unk>", "a", "red", "circle", "blue", "square", "on", "white", "background", "small", "big",
+             "picture", "of", "=>", "<caption>", "</caption>", "rewrite", "the", "description", ".", ","]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>", pad_token="<eos>")
+    out = tmp_path_factory.mktemp("tiny-lm")
+    fast.save_pretrained(out)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(words), n_positions=256, n_embd=32, n_layer=1, n_head=2,
+                               eos_token_id=0, bos_token_id=0)).save_pretrained(out)
+    return str(out)
+
+
+def test_transformers_local_model_is_seeded_per_request(tiny_lm, tmp_path):
+    from recap.models.textgen import check_backend, load_backend
+    from recap.pipeline.stage import StageContext
+    from recap.stages.rewrite import RewriteConfig, RewriteStage
+
+    cfg = BackendConfig(kind="transformers", model=tiny_lm, temperature=1.0, top_p=0.95, max_tokens=8)
+    check_backend(cfg)
+    backend = load_backend(cfg)
+    reqs = [Request(uid="u", index=i, seed=s, system="rewrite the description", user="a red circle =>")
+            for i, s in enumerate([1, 1, 2, 3, 4])]
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    out = backend.generate(reqs)
+    assert torch.equal(torch.rand(1), before)  # the worker's own RNG untouched
+    assert all(r.ok for r in out) and out[0].text == out[1].text  # same seed, same text
+    assert len({r.text for r in out}) > 1
+    assert all(len(r.text.split()) <= 8 for r in out)
+    assert backend.generate([Request(uid="u", index=0, seed=1, image=b"\x89PNG")])[0].reason == "llm_bad_image"
+    with pytest.raises(BackendUnavailable, match="not a folder"):
+        check_backend(BackendConfig(kind="transformers", model=str(tmp_path / "nothing")))
+    # the laclip mode on it: k texts per caption, whatever the random model says
+    rc = RewriteConfig.model_validate({"mode": "laclip", "k": 2, "cache": False,
+                                     "backend": {"kind": "transformers", "model": tiny_lm}})
+    st = RewriteStage(rc, StageContext("t", 0, "rewrite", str(tmp_path / "ds")))
+    st.setup()
+    rows = st.process(pa_table(["a red circle on a white background", "a small blue square"])).to_pylist()
+    again = st.process(pa_table(["a red circle on a white background", "a small blue square"])).to_pylist()
+    assert rows == again and all(len(r["syn_text_rewrite"]) == 2 for r in rows)
+
+
+def pa_table(captions: list[str]):
+    import pyarrow as pa
+
+    return pa.table({"uid": [f"{i:032x}" for i in range(len(captions))], "caption": captions})

@@ -1,6 +1,7 @@
 """Text backends the text stages share: one interface for captioners (image [+ alt-text] ->
 texts) and one for text generators (prompt -> texts), in ``base``; implementations for
 OpenAI-compatible HTTP endpoints (``openai_compat``), vLLM's offline engine (``vllm_engine``),
+small local ``transformers`` models (``transformers_local``),
 CoCa checkpoints of our trainer (``coca``) and the rule-based EDA baseline (``eda``); the replay
 cache of finished requests (``cache``) and the checks on what goes in and comes out (``safety``).
 Heavy libraries (torch models, vLLM) load only when a backend of theirs is built.
@@ -34,8 +35,9 @@ def load_backend(cfg: BackendConfig, **kwargs: Any) -> Any:
 
         return EdaBackend(kwargs.get("wordnet_dir", DEFAULT_WORDNET))
     if cfg.kind == "transformers":
-        raise BackendUnavailable("backend.kind transformers is not available in this version; "
-                                 "serve the model with an OpenAI-compatible server (kind: openai) or use vllm")
+        from recap.models.textgen.transformers_local import TransformersBackend
+
+        return TransformersBackend(cfg)
     raise BackendUnavailable(f"unknown backend.kind {cfg.kind!r}")
 
 
@@ -56,7 +58,9 @@ def check_backend(cfg: BackendConfig) -> None:
         if importlib.util.find_spec("vllm") is None:
             raise BackendUnavailable("backend.kind vllm needs vLLM installed (pip install 'recap-curate[gpu]')")
     elif cfg.kind == "transformers":
-        load_backend(cfg)
+        from recap.models.textgen.transformers_local import check_local_model
+
+        check_local_model(cfg)
 
 
 __all__ = ["BackendConfig", "BackendUnavailable", "Captioner", "Reply", "Request", "TextGenerator",
