@@ -50,6 +50,9 @@ def _single_node_addressing():
     """While a local node starts, Ray takes loopback as the node address (as on macOS/Windows)."""
     from ray._private import ray_constants
 
+    if not hasattr(ray_constants, "ENABLE_RAY_CLUSTER"):  # another Ray: start_local's check tells
+        yield
+        return
     previous = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
