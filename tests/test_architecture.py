@@ -97,6 +97,12 @@ def _code_strings(path: Path) -> list[tuple[int, str]]:
             if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
 
 
+# Words of the reinforced format itself that stages are also named after: DataCompDR's config.json
+# key ``reinforce`` (ml-mobileclip's ``reinforce.image_augmentation``) and the ``syn_source`` label
+# of a rewritten text. The format's vocabulary, not the engine knowing a stage.
+FORMAT_WORDS = {"pipeline/reinforced/config.py": {"reinforce"}, "pipeline/reinforced/testing.py": {"rewrite"}}
+
+
 def test_the_engine_names_no_stage_and_no_download_convention():
     stages = [ep.name for ep in __import__("importlib.metadata").metadata.entry_points(group="recap.stages")]
     assert {"download", "basic", "dedup", "balance", "clip", "filter"} <= set(stages)
@@ -107,7 +113,7 @@ def test_the_engine_names_no_stage_and_no_download_convention():
             continue
         for line, value in _code_strings(path):
             words = {value, *(value.split("/")), *(value.split("."))}
-            if words & forbidden:
+            if words & (forbidden - FORMAT_WORDS.get(str(path.relative_to(ROOT)), set())):
                 hits.append(f"{path.relative_to(ROOT)}:{line}: {value!r}")
     assert not hits, "\n".join(hits)
 

@@ -74,7 +74,7 @@ def _crop_box(g: np.random.Generator, width: int, height: int, scale: Sequence[f
 
 
 def sample_param_aug(width: int, height: int, aug_cfg: AugConfig, seed: int, uid: str, n_aug: int | None = None,
-                     stage: str = "reinforce") -> list:
+                     stage: str = "augment") -> list:
     """``n_aug`` augmentations for one image of ``width`` x ``height``: a pure function of
     (seed, stage, uid) and the config, so independent of call order, batch and worker."""
     if width < 1 or height < 1:
