@@ -198,3 +198,48 @@ def test_on_the_demo_world_negatives_share_the_concept_and_skip_duplicates(world
     assert f["same_scene"] <= 0.02, f
     # the planted duplicates the exact dedup left are among the unfiltered neighbours, and filtered out
     assert raw["duplicates_in_negatives"] > 0 and f["duplicates_in_negatives"] == 0, (raw, f)
+
+
+def _unit_rows(rows: list[list[float]]) -> np.ndarray:
+    a = np.array(rows, np.float32)
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def test_false_negative_filtering_drops_each_kind_and_keeps_true_negatives():
+    """Sample 0 and five neighbours, one per rule: a near-duplicate image, the same caption, a caption
+    that fits sample 0's image better than its own (margin), the same group, and a true negative."""
+    from recap.pipeline.stage import StageContext
+    from recap.pipeline.stage_data import StageData
+    from recap.stages.negatives import NegativesConfig, NegativesStage
+
+    d = 8
+    base = np.eye(d, dtype=np.float32)
+    img = _unit_rows([base[0] + 0.0 * base[1],          # 0: the positive
+                      base[0] + 0.01 * base[1],         # 1: near-duplicate image
+                      base[0] + 0.5 * base[2],          # 2: same caption as 0
+                      base[0] + 0.6 * base[3],          # 3: its caption fits image 0 better than 0's own
+                      base[0] + 0.7 * base[4],          # 4: same group as 0
+                      base[0] + 0.8 * base[5]])         # 5: a true hard negative
+    txt = _unit_rows([base[0] + 2.0 * base[6], base[6], base[6], base[0], base[7], base[7] + 0.1 * base[6]])
+    captions = ["a red cube", "a cube", "A  red cube", "a red cube, exactly", "a blue ball", "a green cone"]
+    uids = [f"u{i}" for i in range(6)]
+    fl = lambda m: pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1).astype(np.float16)), d)  # noqa: E731
+    table = pa.table({"uid": uids, "caption": captions, "image_emb": fl(img), "text_emb": fl(txt),
+                      "dedup_group": [7, None, None, None, 7, None]})
+    cfg = NegativesConfig(k=5, text_k=0, rules=[], phash_distance=None)
+    stage = NegativesStage(cfg, StageContext("j", 0, "negatives", "/tmp", 6))
+    stage.data = StageData(None, "negatives", 1, read_inputs=lambda shard, cols: table)
+    state = stage.reduce([{"n": 6}])
+    assert state["neighbours"]["u0"][0] == ["u5"], state["neighbours"]["u0"]
+    dropped = state["summary"]["false_negatives_dropped"]
+    assert dropped["near_duplicate"] >= 1 and dropped["same_caption"] >= 1 and dropped["margin"] >= 1
+    assert dropped["same_group"] >= 1
+    # without filtering, all five come back, nearest first
+    loose = NegativesStage(NegativesConfig(k=5, text_k=0, rules=[], phash_distance=None, margin=5.0,
+                                           near_dup_eps=1e-9, group_column="none"),
+                           StageContext("j", 0, "negatives", "/tmp", 6))
+    loose.data = StageData(None, "negatives", 1, read_inputs=lambda shard, cols: table)
+    got = loose.reduce([{"n": 6}])["neighbours"]["u0"]
+    same_caption = {"u2"}  # the caption rule has no switch: "A  red cube" is "a red cube"
+    assert set(got[0]) == {"u1", "u3", "u4", "u5"} and not set(got[0]) & same_caption
+    assert got[1] == sorted(got[1], reverse=True)
