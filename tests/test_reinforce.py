@@ -250,3 +250,16 @@ def test_missing_texts_and_no_negatives_stage_still_write_shards(ray_local, fold
         assert s["image_emb"].shape == (3, 256) and s["text_emb"].shape == (1, 256)
     side = pq.read_table(tmp_path / "o/ledger/reinforce/00000.parquet")
     assert side.num_rows == 0  # nothing missing that an earlier stage of this job wrote
+
+
+def test_teacher_dims_that_change_between_shards_are_an_error_naming_the_teacher():
+    from recap.pipeline.errors import UserError
+    from recap.pipeline.stage import StageContext
+    from recap.stages.reinforce import ReinforceConfig, ReinforceStage
+
+    stage = ReinforceStage(ReinforceConfig(teachers=TEACHERS, aug=AUG), StageContext("j", 0, "reinforce", "/tmp", 4))
+    part = {"n": 2, "coverage": {"samples": 2}, "example": None, "bytes": 10, "sha256": "0" * 64}
+    ok = stage.reduce([{**part, "dims": [128, 128]}, {**part, "n": 0, "dims": [128, 128]}])
+    assert [t["dim"] for t in ok["config"]["teachers"]] == [128, 128] and [e["name"] for e in ok["entries"]] == ["00000.tar"]
+    with pytest.raises(UserError, match=r"teacher 1 \(recap-tiny-cnn\) gave 64-d embeddings on shard 1 but 128-d"):
+        stage.reduce([{**part, "dims": [128, 128]}, {**part, "dims": [128, 64]}])
