@@ -184,7 +184,7 @@ def main() -> None:
               + f"  (best of {args.repeat}; Ray start-up {ray_start:.1f}s excluded)")
         print(show("webdataset loop (read + decode)", "wds"))
         print(f"ratio recap/webdataset: {best['recap_wds'][0] / best['wds'][0]:.2f}  (goal >= 0.8)")
-        print(show("recap parquet (shards written)", "recap_pq"))
+        print(show("recap parquet (in place)     ", "recap_pq"))
         print(show("pyarrow scan + decode", "pq_decode"))
         print(show("pyarrow scan only (no decode)", "pq_scan"))
         print(f"ratio recap/pyarrow scan + decode: {best['recap_pq'][0] / best['pq_decode'][0]:.2f}  (goal >= 0.8); "
