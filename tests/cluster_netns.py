@@ -30,7 +30,12 @@ def _start(cmd: list[str], env: dict) -> tuple[subprocess.Popen, float]:
 
 def _finish(started: tuple[subprocess.Popen, float], timeout: float = 240) -> dict:
     proc, t0 = started
-    stdout, stderr = proc.communicate(timeout=timeout)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a run that hangs is a finding, reported like any other
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        stderr += f"\n(killed after {timeout} s)"
     return {"rc": proc.returncode, "stdout": stdout, "stderr": stderr, "seconds": round(time.time() - t0, 2)}
 
 
@@ -91,7 +96,8 @@ def main(spec_path: str) -> None:
         out["run"] = _timed([*recap, "--address", address, "--output", spec["output"]], base)
         out["nodes"] = _nodes(cluster, address)
         if spec.get("loss_output"):  # the same job again, and the second node dies in the middle of it
-            out["loss_run"] = _run_losing_a_node([*recap, "--address", address, "--output", spec["loss_output"]],
+            lossy = [sys.executable, "-m", "recap.cli", "run", spec.get("loss_job", spec["job"]), "--quiet"]
+            out["loss_run"] = _run_losing_a_node([*lossy, "--address", address, "--output", spec["loss_output"]],
                                                  base, Path(spec["loss_output"]), spec["kill_after_commits"])
             out["nodes_after_loss"] = _nodes(cluster, address)
     Path(spec["result"]).write_text(json.dumps(out))
@@ -108,7 +114,7 @@ def _run_losing_a_node(run: list[str], env: dict, output: Path, after: int) -> d
         if markers >= after:
             killed = {"markers": markers, "pids": _kill_second_node()}
         time.sleep(0.1)
-    return {**_finish(started, timeout=600), "killed": killed}
+    return {**_finish(started, timeout=240), "killed": killed}
 
 
 def _cmdline(pid: int) -> list[bytes]:

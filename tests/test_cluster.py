@@ -34,19 +34,21 @@ def test_is_loopback_reads_every_form_a_socket_shows():
         assert not is_loopback(host), host
 
 
-# The demo job's first half (download, a map stage, two global stages), fixed here so these tests
-# do not change when the demo job grows.
-JOB = """\
-name: cluster-test
-seed: 0
-input: {{path: {world}/urls.parquet, url_col: url, caption_col: caption}}
-output: unused
-download: {{image_size: 64, samples_per_shard: 30, timeout: 2, retries: 1, allow_hosts: [127.0.0.1:{port}]}}
-stages:
-  - basic: {{min_image_size: 32, min_caption_words: 2}}
-  - dedup: {{}}
-  - balance: {{metadata: {root}/jobs/demo-metadata.json, t: 40}}
-"""
+def job_file(path: Path, world: Path, port: int, cpus: float | None = None) -> Path:
+    """The demo job's first half (download, a map stage, two global stages), fixed here so these
+    tests do not change when the demo job grows; ``cpus``: what each stage asks Ray for (not part
+    of the config hash: the output is the same)."""
+    import yaml
+
+    res = {"resources": {"cpus": cpus}} if cpus else {}
+    path.write_text(yaml.safe_dump({
+        "name": "cluster-test", "seed": 0, "output": "unused",
+        "input": {"path": f"{world}/urls.parquet", "url_col": "url", "caption_col": "caption"},
+        "download": {"image_size": 64, "samples_per_shard": 30, "timeout": 2, "retries": 1,
+                     "allow_hosts": [f"127.0.0.1:{port}"], **res},
+        "stages": [{"basic": {"min_image_size": 32, "min_caption_words": 2, **res}}, {"dedup": {**res}},
+                   {"balance": {"metadata": str(ROOT / "jobs" / "demo-metadata.json"), "t": 40, **res}}]}))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +60,7 @@ def world(tmp_path_factory):
     port = free_port()
     out = tmp_path_factory.mktemp("world") / "w"
     generate_world(out, samples=120, heldout=5, seed=3, port=port)
-    job = out.parent / "job.yaml"
-    job.write_text(JOB.format(world=out, port=port, root=ROOT))
+    job = job_file(out.parent / "job.yaml", out, port)
     with serve(out, port=port):
         yield job, out, port
 
@@ -222,7 +223,12 @@ def _no_secret(token: str, report: dict, dataset: Path) -> None:
 def cluster(world, tmp_path_factory):
     """One two-node cluster for the module: the error cases, a run, and a run that loses a node."""
     out = tmp_path_factory.mktemp("cluster")
-    report = _in_netns(world, out / "ds", loss_output=str(out / "lost"), kill_after_commits=3)
+    # The run that loses a node asks 1/4 CPU per stage: the head alone (1 CPU) then still holds one
+    # actor of each pool and a task. The engine sizes its pools from the CPUs at the start, so a
+    # loss that leaves less than that waits for a node to come back (see doc of test below).
+    _, world_dir, port = world
+    lossy = job_file(out / "quarter-cpu.yaml", world_dir, port, cpus=0.25)
+    report = _in_netns(world, out / "ds", loss_output=str(out / "lost"), loss_job=str(lossy), kill_after_commits=3)
     return report, out
 
 
@@ -263,7 +269,9 @@ def test_two_nodes_with_token_auth_give_the_local_bytes(cluster, local_run):
 def test_losing_a_node_mid_stage_still_gives_the_local_bytes(cluster, local_run):
     """The second node's raylet and its workers are SIGKILLed while the first streaming segment
     runs: Ray retries the lost work on the head and the (stage, shard) commits keep what was
-    done, so the job finishes with the same bytes as a local run."""
+    done, so the job finishes with the same bytes as a local run. (With stages asking 1 CPU, the
+    head's single CPU cannot hold the restarted actors of two pools and a task: the run then waits
+    until a node joins again, as an autoscaling cluster or a scheduler's replacement would.)"""
     from tests.test_engine import digest
 
     report, out = cluster
