@@ -11,6 +11,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from recap.pipeline.inspect import format_report, inspect_dataset
 from recap.pipeline.job import load_job
@@ -23,6 +24,8 @@ from recap.world.server import serve
 ROOT = Path(__file__).resolve().parent.parent
 RECAP = [sys.executable, "-m", "recap.cli"]
 DEMO_METADATA = ROOT / "jobs" / "demo-metadata.json"
+DEMO_STAGES = [next(iter(st)) if isinstance(st, dict) else st
+               for st in yaml.safe_load((ROOT / "jobs" / "demo.yaml").read_text())["stages"]]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +51,8 @@ def test_demo_job_every_fault_has_its_reason(world, tmp_path, ray_local):
     run_job(_demo_job(world_dir, port, out), progress=False)
     rep = inspect_dataset(str(out))
     assert rep["invariant_ok"], rep["problems"]
-    assert list(rep["stages"]) == ["download", "basic", "dedup", "balance"]
+    assert list(rep["stages"]) == ["download", *DEMO_STAGES]
+    assert (out / "reinforced" / "config.json").exists()  # the demo ends with reinforced shards
 
     truth = pq.read_table(world_dir / "truth.parquet").to_pylist()
     inputs = pa.concat_tables([pq.read_table(p) for p in sorted((out / "input").glob("0*.parquet"))]).to_pylist()

@@ -22,7 +22,8 @@ from recap.pipeline.steps import SourceChanged, load_input
 from recap.pipeline.storage import Dataset
 from recap.stages.parquet_source import ParquetChanged, ParquetConfig, ParquetInput, ParquetSource
 from recap.stages.source_files import content_uid
-from tests.test_webdataset_source import (ROOT, demo_job, jpeg, read_index, resume_and_workers_are_byte_identical,
+from tests.test_webdataset_source import (DEMO_STAGES, ROOT, demo_job, jpeg, read_index,
+                                          resume_and_workers_are_byte_identical,
                                           web, write_job)
 
 __all__ = ["web"]  # the module fixture, shared
@@ -94,7 +95,7 @@ def test_a_table_of_image_bytes_copied_into_shards_curates_through_the_demo_stag
                      section={"rows_per_shard": 40, "copy": True}, section_key="parquet"), progress=False)
     rep = inspect_dataset(str(out))
     assert rep["invariant_ok"], rep["problems"]
-    assert list(rep["stages"]) == ["parquet_images", "basic", "dedup", "balance"]
+    assert list(rep["stages"]) == ["parquet_images", *DEMO_STAGES]
     src = rep["stages"]["parquet_images"]
     assert src["in"] == len(web) and src["kept"] == len(web) - src["dropped"].get("duplicate_input", 0)
     assert rep["stages"]["dedup"]["dropped"].get("duplicate_image", 0) > 0 and rep["stages"]["balance"]["kept"] > 0
