@@ -53,16 +53,7 @@ BENCHES = ("clip", "phash", "semantic")
 
 # -- the input ------------------------------------------------------------------------------------
 
-def _image(rng: np.random.Generator, size: int) -> bytes:
-    """A smooth gradient plus noise: decodes like a photo, not like a flat colour."""
-    from PIL import Image
-
-    y, x = np.mgrid[0:size, 0:size]
-    base = np.stack([(x * 255 // size), (y * 255 // size), ((x + y) * 127 // size)], axis=-1)
-    pixels = np.clip(base + rng.integers(-40, 40, base.shape), 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", quality=90)
-    return buf.getvalue()
+from ingest import _image  # noqa: E402 - bench/ is the script's folder: the same generated photo
 
 
 def make_tars(out: Path, images: int, per_shard: int, size: int) -> list[Path]:

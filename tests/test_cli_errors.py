@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import free_port
 from tests.test_engine import digest
@@ -40,17 +41,26 @@ def world(tmp_path_factory):
         yield out, port
 
 
-def world_args(world, *extra):
+def _curation_stages() -> str:
+    """The demo job's stages up to balancing, as a --set value: what these tests need of a job,
+    without the model stages the demo ends with (the finished fixture runs the whole demo)."""
+    stages = yaml.safe_load(Path(DEMO).read_text())["stages"][:3]
+    stages[2]["balance"]["metadata"] = str(ROOT / "jobs" / "demo-metadata.json")  # --set paths: from the cwd
+    return "stages=" + json.dumps(stages)
+
+
+def world_args(world, *extra, full: bool = False):
     w, port = world
+    stages = [] if full else ["--set", _curation_stages()]
     return ["--set", f"input.path={w / 'urls.parquet'}", "--set", f"download.allow_hosts=[127.0.0.1:{port}]",
-            "--set", "download.samples_per_shard=60", "--set", "download.timeout=2", *extra]
+            "--set", "download.samples_per_shard=60", "--set", "download.timeout=2", *stages, *extra]
 
 
 @pytest.fixture(scope="module")
 def finished(world, tmp_path_factory):
     """A finished demo dataset, made from an unrelated directory with the repository's job file."""
     cwd = tmp_path_factory.mktemp("user")
-    r = recap("run", DEMO, *world_args(world), "--output", "ds", "--quiet", cwd=cwd)
+    r = recap("run", DEMO, *world_args(world, full=True), "--output", "ds", "--quiet", cwd=cwd)
     assert r.returncode == 0, r.stderr[-3000:]
     return cwd, cwd / "ds", r
 
