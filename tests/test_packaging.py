@@ -52,7 +52,9 @@ def test_the_installed_wheel_runs_the_demo_from_any_directory(wheel, tmp_path):
     where = subprocess.run([str(py), "-c", "import recap.pipeline; print(recap.pipeline.__file__)"], cwd=elsewhere,
                            check=True, capture_output=True, text=True).stdout
     assert where.startswith(site)
-    r = subprocess.run([str(venv / "bin" / "recap"), "demo", "--samples", "150", "--heldout", "10", "--out", "out"],
+    # --heldout 0: no teacher to train, the model stages use their seeded random init (what is tested
+    # here is the installed package, not the teacher)
+    r = subprocess.run([str(venv / "bin" / "recap"), "demo", "--samples", "150", "--heldout", "0", "--out", "out"],
                        cwd=elsewhere, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "invariant ok" in r.stdout and re.search(r"balance\s+in\s+\d+\s+kept\s+[1-9]", r.stdout)
@@ -65,4 +67,4 @@ def test_the_images_copy_every_packaged_folder(dockerfile):
     copied = set(re.findall(r"^COPY (\S+) \1$", text, flags=re.M))
     assert set(PACKAGE_DIRS.values()) <= copied
     if dockerfile.endswith("cuda"):
-        assert "gpu" in re.search(r"pip install '\.\[([^\]]*)\]'", text).group(1)
+        assert "gpu" in re.search(r"pip install [^\n]*'\.\[([^\]]*)\]'", text).group(1)
