@@ -309,7 +309,23 @@ def _dispatch(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Every way a command can end, mapped to an exit code and one message: 2 for what the user can
     fix (job file, flags, inputs, output), 1 for a job that failed while running, 130 on Ctrl-C."""
+    entry = argv is None
     argv = sys.argv[1:] if argv is None else argv
+    rc = _main(argv)
+    if entry and next((a for a in argv if not a.startswith("-")), None) == "inspect":
+        # Seen under load: after everything was printed, a native thread pool (pyarrow's readers)
+        # aborted the interpreter's shutdown ("terminate called without an active exception", exit
+        # -6 instead of the report's code). inspect starts nothing that needs a clean shutdown.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (BrokenPipeError, ValueError):
+                pass
+        os._exit(rc)
+    return rc
+
+
+def _main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO if "--debug" in argv else logging.WARNING,
                         format="recap: %(message)s")
     try:
