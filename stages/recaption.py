@@ -21,7 +21,7 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field, computed_field, model_validator
 
-from recap.models.textgen.base import BackendConfig, BackendUnavailable, Request
+from recap.models.textgen.base import BackendConfig, Request
 from recap.models.textgen.safety import clean_caption, delimit, echo_problem
 from recap.models.textgen.stage_io import (Outcome, Runner, digest, request_seed, servable_image, stage_cache,
                                            verdict_lists)
@@ -63,19 +63,12 @@ class RecaptionConfig(StageConfig):
                                  f"or a VLM backend (openai, vllm)")
             if b.greedy and self.k > 1:
                 raise ValueError("backend.greedy gives one caption per image: set k: 1, or sample (greedy: false)")
-            b.top_p = 0.9 if b.top_p is None else b.top_p
-            b.temperature = 1.0 if b.temperature is None else b.temperature
+            b.fill_sampling(temperature=1.0, top_p=0.9)
         else:
-            t, p, m = SAMPLING_DEFAULTS[self.mode]
-            b.temperature = t if b.temperature is None else b.temperature
-            b.top_p = p if b.top_p is None else b.top_p
-            b.max_tokens = m if b.max_tokens is None else b.max_tokens
-        try:
-            from recap.models.textgen import check_backend
+            b.fill_sampling(*SAMPLING_DEFAULTS[self.mode])
+        from recap.models.textgen import validate_backend
 
-            check_backend(b)
-        except BackendUnavailable as e:
-            raise ValueError(str(e)) from None
+        validate_backend(b)
         return self
 
     @computed_field  # in the manifest's resolved job and the config hash: a changed prompt reruns the stage

@@ -36,7 +36,7 @@ from typing import Literal
 import pyarrow as pa
 from pydantic import Field, PrivateAttr, computed_field, model_validator
 
-from recap.models.textgen.base import BackendConfig, BackendUnavailable, Request
+from recap.models.textgen.base import BackendConfig, Request
 from recap.models.textgen.safety import clean_caption, delimit, echo_problem, parse_json
 from recap.models.textgen.stage_io import (Outcome, Runner, digest, request_seed, servable_image, stage_cache,
                                            verdict_lists)
@@ -142,19 +142,12 @@ class RewriteConfig(StageConfig):
             raise ValueError(f"backend.kind {self.backend.kind} cannot serve mode {self.mode} "
                              f"(use {' | '.join(MODE_BACKENDS[self.mode])})")
         if self.mode in SAMPLING_DEFAULTS:
-            t, p, m = SAMPLING_DEFAULTS[self.mode]
-            b = self.backend
-            b.temperature = t if b.temperature is None else b.temperature
-            b.top_p = p if b.top_p is None else b.top_p
-            b.max_tokens = m if b.max_tokens is None else b.max_tokens
+            self.backend.fill_sampling(*SAMPLING_DEFAULTS[self.mode])
         if self.mode == "laclip":
             self._pairs = read_meta_pairs(self.meta_pairs) if self.meta_pairs else builtin_meta_pairs()
-        try:
-            from recap.models.textgen import check_backend
+        from recap.models.textgen import validate_backend
 
-            check_backend(self.backend)
-        except BackendUnavailable as e:
-            raise ValueError(str(e)) from None
+        validate_backend(self.backend)
         return self
 
     @computed_field  # in the manifest's resolved job and the config hash: a changed prompt reruns the stage

@@ -63,5 +63,13 @@ def check_backend(cfg: BackendConfig) -> None:
         check_local_model(cfg)
 
 
+def validate_backend(cfg: BackendConfig) -> None:
+    """``check_backend`` inside a stage config's validator: its reason becomes the job error."""
+    try:
+        check_backend(cfg)
+    except BackendUnavailable as e:
+        raise ValueError(str(e)) from None
+
+
 __all__ = ["BackendConfig", "BackendUnavailable", "Captioner", "Reply", "Request", "TextGenerator",
-           "check_backend", "load_backend"]
+           "check_backend", "load_backend", "validate_backend"]

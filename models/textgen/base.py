@@ -60,6 +60,13 @@ class BackendConfig(BaseModel):
                              "not the key itself")
         return self
 
+    def fill_sampling(self, temperature: float | None = None, top_p: float | None = None,
+                      max_tokens: int | None = None) -> None:
+        """The mode's defaults for the sampling fields the job file left empty."""
+        self.temperature = temperature if self.temperature is None else self.temperature
+        self.top_p = top_p if self.top_p is None else self.top_p
+        self.max_tokens = max_tokens if self.max_tokens is None else self.max_tokens
+
     def sampling(self) -> dict:
         """What decides a reply besides the prompt: part of every cache key."""
         return {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": self.max_tokens,
