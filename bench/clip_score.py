@@ -411,9 +411,10 @@ def _planted_hashes(n: int, seed: int = 0) -> np.ndarray:
 def bench_phash(args: argparse.Namespace) -> None:
     """Multi-index Hamming search vs the all-pairs scan (numpy popcount over every pair, blocked)
     on the same 100k hashes: the same pairs, and the ratio of times."""
+    from recap.stages.dedup import DedupConfig
     from recap.stages.near_duplicates import all_pairs, hamming_pairs
 
-    n, distance = args.hashes, 4
+    n, distance = args.hashes, DedupConfig().phash_distance
     h = _planted_hashes(n)
     t0 = time.perf_counter()
     i, j, _ = hamming_pairs(h, distance)

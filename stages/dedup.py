@@ -4,12 +4,15 @@ each on what the ones before left:
 
 - ``exact``: samples whose stored image bytes hash the same; the smallest uid stays.
 - ``phash``: perceptual hashes within ``phash_distance`` bits (multi-index hashing, never all
-  pairs); linked hashes form a group, whose smallest uid stays.
+  pairs), each match confirmed on 32x32 colour thumbnails (root-mean-square difference at most
+  ``phash_rmse``: luminance hashes of simple images collide across colours and shapes); confirmed
+  pairs link into groups, whose smallest uid stays.
 - ``semantic``: SemDeDup on the clip stage's ``image_emb`` (spherical k-means, then within each
   cluster an item leaves when its cosine to an item ordered before it exceeds ``1 - semantic_eps``).
 
 With ``eval_set``, samples whose perceptual hash is within ``eval_distance`` bits of an image of the
-evaluation set leave first (``eval_contamination``), as DataComp removes near-duplicates of its
+evaluation set, as it is or padded to a square as the downloader's ``border`` mode stores a copy
+(and whose thumbnail agrees, as above), leave first (``eval_contamination``), as DataComp removes near-duplicates of its
 evaluation images. Every choice depends only on the data and the job seed, never on shard order or
 worker count. Reasons: ``duplicate_image``, ``near_duplicate``, ``semantic_duplicate``,
 ``eval_contamination``; each detail names the kept uid.
@@ -34,8 +37,11 @@ Method = Literal["exact", "phash", "semantic"]
 
 class DedupConfig(StageConfig):
     methods: list[Method] = Field(["exact"], description="exact, phash, semantic, run in this order")
-    phash_distance: int = Field(4, ge=0, le=16, description="Hamming bits (of 64) within which two images "
+    phash_distance: int = Field(6, ge=0, le=16, description="Hamming bits (of 64) within which two images "
                                                             "are near-duplicates")
+    phash_rmse: float | None = Field(0.06, gt=0, le=1, description="confirm a hash match when the 32x32 "
+                                     "colour thumbnails differ by at most this root-mean-square (0-1 scale); "
+                                     "null trusts the hash alone")
     semantic_eps: float = Field(0.01, gt=0, lt=1, description="SemDeDup's eps: cosine > 1 - eps is a duplicate")
     clusters: int | None = Field(None, ge=1, description="k-means clusters; default sqrt(N)")
     keep: Literal["closest", "farthest"] = Field("farthest", description="which of a semantic group stays, "
@@ -43,7 +49,7 @@ class DedupConfig(StageConfig):
     eval_set: LocalPath | None = Field(None, description="folder or tar of evaluation images to decontaminate "
                                                          "against")
     eval_distance: int | None = Field(None, ge=0, le=16, description="Hamming bits for eval_set; default "
-                                                                     "phash_distance")
+                                                                     "max(8, phash_distance)")
 
     @field_validator("methods")
     @classmethod
@@ -93,7 +99,9 @@ class DedupStage(GlobalStage):
             + (("image_emb",) if "semantic" in methods else ())
 
     def carry(self) -> tuple[str, ...]:
-        return ("phash", "phash_skipped") if self._hashes else ()
+        if not self._hashes:
+            return ()
+        return ("phash", "phash_skipped") + (("thumb",) if self.config.phash_rmse is not None else ())
 
     def partial(self, batch: pa.Table) -> Any:
         """sha256 -> [smallest uid, count] for this shard; with perceptual hashing, also each row's
@@ -106,15 +114,19 @@ class DedupStage(GlobalStage):
                     _merge(seen, h, uid, 1)
         if not self._hashes:
             return seen
-        from recap.stages.near_duplicates import phash_bytes, to_i64
+        from recap.stages.near_duplicates import perceptual_bytes, to_i64
 
-        hashes, skipped = [], []
+        hashes, thumbs, skipped = [], [], []
         for data in batch.column(IMAGE_COLUMN).to_pylist():
-            h, why = phash_bytes(data)
+            h, thumb, why = perceptual_bytes(data)
             hashes.append(None if h is None else to_i64(h))
+            thumbs.append(thumb)
             skipped.append(why)
-        return seen, pa.table({"uid": batch.column("uid"), "phash": pa.array(hashes, pa.int64()),
-                               "phash_skipped": pa.array(skipped, pa.string())})
+        carried = {"uid": batch.column("uid"), "phash": pa.array(hashes, pa.int64()),
+                   "phash_skipped": pa.array(skipped, pa.string())}
+        if self.config.phash_rmse is not None:
+            carried["thumb"] = pa.array(thumbs, pa.binary())
+        return seen, pa.table(carried)
 
     # -- reduce ---------------------------------------------------------------------------------
 
@@ -145,8 +157,9 @@ class DedupStage(GlobalStage):
 
     def _rows(self, exact: dict[str, str]) -> dict[str, np.ndarray]:
         """Every input row in shard order: uid, whether exact dedup removes it, its hash, its embedding."""
-        uids, losers, hashes, valid, embs = [], [], [], [], []
+        uids, losers, hashes, valid, embs, offsets = [], [], [], [], [], []
         for shard in range(self.data.n_shards):
+            offsets.append(len(uids))
             columns = (["sha256"] if "exact" in self.config.methods else []) \
                 + (["image_emb"] if "semantic" in self.config.methods else [])
             table = self.data.inputs(shard, columns) if columns else None
@@ -168,7 +181,8 @@ class DedupStage(GlobalStage):
                 hashes.append(pc.fill_null(col, 0).to_numpy(zero_copy_only=False).astype(np.int64))
             if "semantic" in self.config.methods:
                 embs.append(table.column("image_emb"))
-        out = {"uid": np.array(uids, dtype=object), "exact_loser": np.array(losers, dtype=bool)}
+        out = {"uid": np.array(uids, dtype=object), "exact_loser": np.array(losers, dtype=bool),
+               "offsets": np.array(offsets + [len(uids)], dtype=np.int64)}
         if self._hashes:
             out["phash"] = (np.concatenate(hashes) if hashes else np.zeros(0, np.int64)).view(np.uint64)
             out["hashed"] = np.concatenate(valid).astype(bool) if valid else np.zeros(0, bool)
@@ -176,23 +190,64 @@ class DedupStage(GlobalStage):
             out["emb"] = embs
         return out
 
+    def _thumbnails(self, rows: dict, wanted: np.ndarray) -> dict[int, bytes]:
+        """Carried thumbnails of the rows ``wanted`` (global row numbers) only: matches are few, so
+        the reduce never holds every thumbnail at once."""
+        wanted = np.unique(wanted)
+        offsets = rows["offsets"]
+        shard_of = np.searchsorted(offsets, wanted, side="right") - 1
+        out: dict[int, bytes] = {}
+        for shard in np.unique(shard_of).tolist():
+            mine = wanted[shard_of == shard]
+            col = self.data.carried(shard, ["thumb"]).column("thumb")
+            for g, thumb in zip(mine.tolist(), col.take(pa.array(mine - offsets[shard])).to_pylist()):
+                out[g] = thumb
+        return out
+
+    def _confirmed(self, a: list[bytes | None], b: list[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
+        """(whether each hash match is confirmed by its thumbnails, their RMSE) for paired thumbnails."""
+        from recap.stages.near_duplicates import thumbnail_rmse
+
+        if self.config.phash_rmse is None:
+            return np.ones(len(a), bool), np.zeros(len(a), np.float32)
+        both = [x is not None and y is not None for x, y in zip(a, b)]
+        rmse = np.full(len(a), np.inf, np.float32)
+        at = np.nonzero(both)[0]
+        rmse[at] = thumbnail_rmse([a[k] for k in at], [b[k] for k in at])
+        return rmse <= self.config.phash_rmse, rmse
+
     # Each method below drops from ``alive`` (in place) what it removes, and says why in ``drops``.
 
     def _decontaminate(self, rows: dict, alive: np.ndarray, drops: dict) -> dict:
         from recap.stages.eval_set import iter_images
-        from recap.stages.near_duplicates import hamming_pairs, phash_bytes
+        from recap.stages.near_duplicates import hamming_pairs, perceptual_bytes
 
-        names, hashes, unreadable = [], [], 0
+        names, hashes, thumbs, unreadable, images = [], [], [], 0, 0
         for name, data in iter_images(self.config.eval_set):
-            h, _ = phash_bytes(data)
+            h, thumb, _ = perceptual_bytes(data)
             if h is None:
                 unreadable += 1
                 continue
-            names.append(name)
-            hashes.append(h)
-        bits = self.config.eval_distance if self.config.eval_distance is not None else self.config.phash_distance
+            images += 1
+            # Each evaluation image also as the downloader's border mode stores a copy of it
+            # (padded to a square with white): a letterboxed copy hashes far from the original.
+            boxed, boxed_thumb, _ = perceptual_bytes(data, letterbox=True)
+            for hv, tv in [(h, thumb)] + ([(boxed, boxed_thumb)] if boxed not in (None, h) else []):
+                names.append(name)
+                hashes.append(hv)
+                thumbs.append(tv)
+        # Looser than dedup by default: an evaluation set is small, so a wider search costs little,
+        # and a missed copy leaks into the evaluation while an extra drop costs one sample.
+        bits = self.config.eval_distance if self.config.eval_distance is not None \
+            else max(8, self.config.phash_distance)
         pool = np.nonzero(alive & rows["hashed"])[0]
         q, j, d = hamming_pairs(rows["phash"][pool], bits, queries=np.array(hashes, dtype=np.uint64))
+        unconfirmed = 0
+        if self.config.phash_rmse is not None and len(q):
+            theirs = self._thumbnails(rows, pool[j])
+            ok, _ = self._confirmed([thumbs[k] for k in q.tolist()], [theirs[g] for g in pool[j].tolist()])
+            unconfirmed = int((~ok).sum())
+            q, j, d = q[ok], j[ok], d[ok]
         best: dict[int, tuple[int, int]] = {}
         for qi, pj, dist in zip(q.tolist(), j.tolist(), d.tolist()):
             if pj not in best or (dist, qi) < best[pj]:
@@ -201,7 +256,8 @@ class DedupStage(GlobalStage):
             alive[pool[pj]] = False
             drops[rows["uid"][pool[pj]]] = ["eval_contamination",
                                             f"{dist} bits from evaluation image {names[qi]}"]
-        return {"eval_images": len(names), "eval_unreadable": unreadable, "contaminated": len(best)}
+        return {"eval_images": images, "eval_unreadable": unreadable, "contaminated": len(best),
+                "unconfirmed": unconfirmed}
 
     def _near_duplicates(self, rows: dict, alive: np.ndarray, drops: dict) -> dict:
         from recap.stages.near_duplicates import components, hamming_pairs
@@ -209,6 +265,12 @@ class DedupStage(GlobalStage):
         idx = np.nonzero(alive & rows["hashed"])[0]
         h, uids = rows["phash"][idx], rows["uid"][idx]
         i, j, _ = hamming_pairs(h, self.config.phash_distance)
+        unconfirmed = 0
+        if self.config.phash_rmse is not None and len(i):
+            thumbs = self._thumbnails(rows, np.concatenate([idx[i], idx[j]]))
+            ok, _ = self._confirmed([thumbs[g] for g in idx[i].tolist()], [thumbs[g] for g in idx[j].tolist()])
+            unconfirmed = int((~ok).sum())
+            i, j = i[ok], j[ok]
         label = components(len(idx), i, j)
         groups = 0
         order = np.lexsort((uids.astype(str), label))  # by group, then uid: a group's first is its winner
@@ -225,7 +287,7 @@ class DedupStage(GlobalStage):
                 dist = int(np.bitwise_count(h[m] ^ h[winner]))
                 drops[uids[m]] = ["near_duplicate", f"kept {uids[winner]} of its near-duplicate group "
                                                     f"({dist} bits apart)"]
-        return {"groups": groups, "skipped": int((alive & ~rows["hashed"]).sum())}
+        return {"groups": groups, "skipped": int((alive & ~rows["hashed"]).sum()), "unconfirmed": unconfirmed}
 
     def _semantic(self, rows: dict, alive: np.ndarray, drops: dict) -> dict:
         from recap.stages.semdedup import semdedup
@@ -286,7 +348,10 @@ class DedupStage(GlobalStage):
             e = summary["eval"]
             parts.append(f"{e['contaminated']} near {e['eval_images']} evaluation images")
         if "phash" in summary:
-            parts.append(f"{summary['phash']['groups']} near-duplicate groups")
+            p = summary["phash"]
+            parts.append(f"{p['groups']} near-duplicate groups"
+                         + (f" ({p['unconfirmed']} hash matches refused by their thumbnails)"
+                            if p.get("unconfirmed") else ""))
         if "semantic" in summary:
             s = summary["semantic"]
             parts.append(f"{s['clusters']} clusters over {s['embedded']} embeddings")

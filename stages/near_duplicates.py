@@ -1,7 +1,8 @@
 """Perceptual hashes and the pairs of them within a Hamming distance, found without comparing all
 pairs: multi-index hashing. Split the 64 bits into ``distance + 1`` disjoint chunks; two hashes at
 most ``distance`` bits apart agree exactly on at least one chunk (pigeonhole), so only hashes that
-share a chunk value are compared, and every such pair is found."""
+share a chunk value are compared, and every such pair is found. A colour thumbnail kept beside each
+hash confirms a match (``thumbnail_rmse``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -15,12 +16,24 @@ PHASH_BITS = 64
 FLAT_STD = 2.0
 
 
-def phash_bytes(data: bytes | None) -> tuple[int | None, str | None]:
-    """(64-bit DCT perceptual hash, None), or (None, why the image has none).
+# Side of the colour thumbnail that confirms a hash match. Luminance hashes of plain shapes on
+# plain backgrounds collide often (a red disc and a blue octagon of the same size and place hash
+# alike); comparing the colours pixel by pixel at this size tells them apart, while a re-encoded,
+# resized or slightly trimmed copy stays within a few grey levels.
+THUMB = 32
 
-    imagehash's ``phash`` (8x8 low frequencies of a 32x32 DCT, each bit "above the median") of
-    the image as the file shows it: 16-bit, alpha and palette images are made 8-bit RGB first, as
-    the clip stage sees them, so a PNG and its JPEG copy hash alike."""
+
+def perceptual_bytes(data: bytes | None, letterbox: bool = False
+                     ) -> tuple[int | None, bytes | None, str | None]:
+    """(64-bit DCT perceptual hash, 32x32 RGB thumbnail bytes, None), or (None, None, why the
+    image has none).
+
+    The hash is imagehash's ``phash`` (8x8 low frequencies of a 32x32 DCT, each bit "above the
+    median") of the image as the file shows it: 16-bit, alpha and palette images are made 8-bit
+    RGB first, as the clip stage sees them, so a PNG and its JPEG copy hash alike. The thumbnail
+    is the same RGB image area-averaged to 32x32 (aspect ignored, as for the hash). With
+    ``letterbox``, the image is first padded to a square with white, centred, as the downloader's
+    ``resize_mode: border`` stores it."""
     import imagehash
     from PIL import Image
 
@@ -28,16 +41,38 @@ def phash_bytes(data: bytes | None) -> tuple[int | None, str | None]:
 
     img, why = decode(data)
     if img is None:
-        return None, why
+        return None, None, why
     try:
+        rgb = to_rgb(img)
+        if letterbox and rgb.width != rgb.height:
+            side = max(rgb.size)
+            square = Image.new("RGB", (side, side), (255, 255, 255))
+            square.paste(rgb, ((side - rgb.width) // 2, (side - rgb.height) // 2))
+            rgb = square
         # imagehash's own first step, done here so the flatness check sees the same pixels
-        small = to_rgb(img).convert("L").resize((32, 32), Image.Resampling.LANCZOS)
+        small = rgb.convert("L").resize((32, 32), Image.Resampling.LANCZOS)
         if float(np.asarray(small, dtype=np.float32).std()) < FLAT_STD:
-            return None, "flat image (no luminance structure to hash)"
+            return None, None, "flat image (no luminance structure to hash)"
         bits = imagehash.phash(small).hash.reshape(-1)
+        thumb = rgb.resize((THUMB, THUMB), Image.Resampling.BOX).tobytes()
     except Exception as e:  # noqa: BLE001 - a bad image is data, not a bug
-        return None, f"{type(e).__name__}: {e}"[:300]
-    return int.from_bytes(np.packbits(bits).tobytes(), "big"), None
+        return None, None, f"{type(e).__name__}: {e}"[:300]
+    return int.from_bytes(np.packbits(bits).tobytes(), "big"), thumb, None
+
+
+def phash_bytes(data: bytes | None) -> tuple[int | None, str | None]:
+    """(perceptual hash, None) or (None, why): ``perceptual_bytes`` without the thumbnail."""
+    h, _, why = perceptual_bytes(data)
+    return h, why
+
+
+def thumbnail_rmse(a: list[bytes], b: list[bytes]) -> np.ndarray:
+    """Root-mean-square difference of paired thumbnails, on a 0-1 scale per colour channel."""
+    if not a:
+        return np.zeros(0, np.float32)
+    x = np.frombuffer(b"".join(a), np.uint8).reshape(len(a), -1).astype(np.float32)
+    y = np.frombuffer(b"".join(b), np.uint8).reshape(len(b), -1).astype(np.float32)
+    return np.sqrt(((x - y) ** 2).mean(axis=1)) / 255.0
 
 
 def phash_image(path_or_file) -> int:

@@ -41,7 +41,9 @@ from recap.world import render
 from recap.world.scenes import COLOURS, SHAPES, Scene, concept_of, image_size, sample_scene, scene_json
 
 DEFAULT_PORT = 8765
-VERSION = 2  # 2: pool images that are near-duplicates of held-out images (heldout_of)
+# 2: pool images that are near-duplicates of held-out images (heldout_of); 3: near copies keep the
+# source's aspect ratio and move at most 1 %
+VERSION = 3
 HOST = "127.0.0.1"
 TRAP_HOST = "127.0.0.2"  # the address the downloader's SSRF guard must never reach
 TOO_LARGE_BYTES = 64 << 20
@@ -260,11 +262,18 @@ def _counts(samples: int) -> tuple[dict[str, int], dict[str, int], int, int]:
 
 
 def _near_copy(src: dict[str, Any], r: random.Random, min_size: int, max_size: int) -> dict[str, Any]:
-    """Size, shift and quality of a re-render of ``src``: a little shifted, rescaled, recompressed."""
-    scale = r.uniform(0.85, 1.15)
-    return {"width": min(max(round(src["width"] * scale), min_size), max_size),
-            "height": min(max(round(src["height"] * scale), min_size), max_size),
-            "shift": (round(r.uniform(-0.03, 0.03), 4), round(r.uniform(-0.03, 0.03), 4)),
+    """Size, shift and quality of a re-render of ``src``: rescaled, moved by at most 1 % (a
+    slight trim) and recompressed. A larger move would make a near copy no closer to its source
+    than two distinct scenes of the same plain shape can be, and no perceptual method could then
+    tell a copy from a look-alike."""
+    # Rescaled as a whole: the factor is kept inside what the size limits allow for both sides, so
+    # the copy has the source's aspect ratio (a clamped side would stretch the scene instead).
+    w, h = src["width"], src["height"]
+    lo, hi = max(0.85, min_size / min(w, h)), min(1.15, max_size / max(w, h))
+    scale = r.uniform(lo, hi) if lo <= hi else 1.0
+    return {"width": min(max(round(w * scale), min_size), max_size),
+            "height": min(max(round(h * scale), min_size), max_size),
+            "shift": (round(r.uniform(-0.01, 0.01), 4), round(r.uniform(-0.01, 0.01), 4)),
             "quality": min(95, max(60, src["quality"] + r.choice((-12, -8, 8, 12)))), "fmt": "jpeg"}
 
 
@@ -348,7 +357,7 @@ def _plan_web(seed: int, samples: int, port: int, min_size: int, max_size: int,
                 row["path"] = _image_path(r, key, src["fmt"], src["scene"])
                 plan.route(row["path"], **plan.routes[src["path"]])
             else:
-                # Near-duplicate: the same scene re-rendered a little shifted, rescaled and recompressed.
+                # Near-duplicate: the same scene re-rendered rescaled, barely moved and recompressed.
                 near = _near_copy(src, r, min_size, max_size)
                 row.update(near, path=_image_path(r, key, "jpeg", src["scene"]))
                 rel = plan.image_job(key, src["scene"], near["width"], near["height"], "jpeg", near["quality"],
