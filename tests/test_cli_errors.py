@@ -169,10 +169,16 @@ def test_inspect_tells_damaged_from_interrupted(finished, tmp_path):
     assert r.returncode == 0 and "http://127.0.0.1:" in r.stdout  # examples show where a sample came from
 
 
+def _small_shards(world):
+    """Download only, in many small shards: the runs below are interrupted, and what they test
+    (signals, the writer's lease) happens between shards, whatever the stages."""
+    return world_args(world, "--set", "download.samples_per_shard=20", "--set", "stages=[]")
+
+
 def _start(world, out, cwd, *extra):
-    return subprocess.Popen([*RECAP, "run", DEMO, *world_args(world, "--set", "download.samples_per_shard=20"),
-                             "--output", str(out), "--quiet", *extra], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return subprocess.Popen([*RECAP, "run", DEMO, *_small_shards(world), "--output", str(out), "--quiet", *extra],
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def _wait_for(path_glob, root, n, timeout=120):
@@ -201,25 +207,23 @@ def test_one_writer_per_dataset_and_a_dead_writer_does_not_block(world, tmp_path
     out = tmp_path / "ds"
     p = _start(world, out, tmp_path)
     assert _wait_for("_lease.json", out, 1)
-    r = recap("run", DEMO, *world_args(world, "--set", "download.samples_per_shard=20"), "--output", out,
-              cwd=tmp_path, timeout=120)
+    r = recap("run", DEMO, *_small_shards(world), "--output", out, cwd=tmp_path, timeout=120)
     assert r.returncode == 2 and "another recap run is writing this dataset" in r.stderr, r.stderr
     no_traceback(r)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait(60)
-    r = recap("run", DEMO, *world_args(world, "--set", "download.samples_per_shard=20"), "--output", out,
-              "--quiet", cwd=tmp_path)
+    r = recap("run", DEMO, *_small_shards(world), "--output", out, "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert not (out / "_lease.json").exists()
 
 
 def test_nothing_kept_and_empty_input_are_said(world, tmp_path):
-    r = recap("run", DEMO, *world_args(world, "--set", "stages.0.basic.languages=[xx]"), "--output", "none",
+    r = recap("run", DEMO, *world_args(world, "--set", "stages=[{basic: {languages: [xx]}}]"), "--output", "none",
               "--quiet", cwd=tmp_path)
     assert r.returncode == 0 and "stage basic kept no sample" in r.stderr, r.stderr
     (tmp_path / "empty.csv").write_text("url,caption\n")
-    r = recap("run", DEMO, *world_args(world), "--set", f"input.path={tmp_path / 'empty.csv'}", "--output", "empty",
-              "--quiet", cwd=tmp_path)
+    r = recap("run", DEMO, *world_args(world), "--set", f"input.path={tmp_path / 'empty.csv'}", "--set", "stages=[]",
+              "--output", "empty", "--quiet", cwd=tmp_path)
     assert r.returncode == 0 and "the input has no rows" in r.stderr, r.stderr
     r = recap("--version", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("recap ")

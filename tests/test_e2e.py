@@ -45,10 +45,18 @@ def _demo_job(world_dir, port, out, *sets):
                     output=str(out))
 
 
-def test_demo_job_every_fault_has_its_reason(world, tmp_path, ray_local):
-    world_dir, port, srv = world
-    out = tmp_path / "ds"
+@pytest.fixture(scope="module")
+def demo_run(world, tmp_path_factory, ray_local):
+    """The demo job on the world with 2 CPUs, run once for the tests that read it."""
+    world_dir, port, _ = world
+    out = tmp_path_factory.mktemp("demo") / "ds"
     run_job(_demo_job(world_dir, port, out), progress=False)
+    return out
+
+
+def test_demo_job_every_fault_has_its_reason(world, demo_run):
+    world_dir, port, srv = world
+    out = demo_run
     rep = inspect_dataset(str(out))
     assert rep["invariant_ok"], rep["problems"]
     assert list(rep["stages"]) == ["download", *DEMO_STAGES]
@@ -85,18 +93,17 @@ def test_demo_job_every_fault_has_its_reason(world, tmp_path, ray_local):
     assert "entry counts before -> after" in format_report(rep)
 
 
-def test_one_cpu_runs_the_demo_job_as_two(world, tmp_path, ray_local):
+def test_one_cpu_runs_the_demo_job_as_two(world, demo_run, tmp_path):
     """--cpus 1: a task step beside an actor step in one streaming run (dedup's apply, then
     balance's partial) must both get CPUs, or the run waits forever; the bytes equal a 2-CPU run."""
     world_dir, port, _ = world
-    run_job(_demo_job(world_dir, port, tmp_path / "two"), progress=False)
     cmd = RECAP + ["run", str(ROOT / "jobs/demo.yaml"), "--set", f"input.path={world_dir / 'urls.parquet'}",
                    "--set", f"download.allow_hosts=[127.0.0.1:{port}]", "--set", "download.samples_per_shard=60",
                    "--set", "download.timeout=2", "--set", f"stages.2.balance.metadata={DEMO_METADATA}",
                    "--output", str(tmp_path / "one"), "--cpus", "1", "--quiet"]
     p = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert digest(tmp_path / "one") == digest(tmp_path / "two")
+    assert digest(tmp_path / "one") == digest(demo_run)
 
 
 @pytest.mark.slow
