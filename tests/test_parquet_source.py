@@ -22,7 +22,7 @@ from recap.pipeline.steps import SourceChanged, load_input
 from recap.pipeline.storage import Dataset
 from recap.stages.parquet_source import ParquetChanged, ParquetConfig, ParquetInput, ParquetSource
 from recap.stages.source_files import content_uid
-from tests.test_webdataset_source import (DEMO_STAGES, ROOT, demo_job, jpeg, read_index,
+from tests.test_webdataset_source import (CURATION, CURATION_STAGES, DEMO_STAGES, ROOT, demo_job, jpeg, read_index,
                                           resume_and_workers_are_byte_identical,
                                           web, write_job)
 
@@ -61,6 +61,9 @@ def test_a_table_of_image_bytes_curates_in_place_through_the_demo_stages(web, tm
                      section_key="parquet"), progress=False)
     rep = inspect_dataset(str(out))
     assert rep["invariant_ok"], rep["problems"]
+    # the whole demo list: the model stages and reinforce's re-packing read the tables too
+    assert list(rep["stages"]) == ["parquet_images", *DEMO_STAGES]
+    assert (out / "reinforced" / "config.json").exists()
     assert rep["stages"]["dedup"]["dropped"].get("duplicate_image", 0) > 0 and rep["stages"]["balance"]["kept"] > 0
     assert not list((out / "shards").glob("*.tar"))
     records = [json.loads(p.read_text()) for p in sorted((out / "shards").glob("*.source.json"))]
@@ -88,14 +91,14 @@ def test_a_referenced_table_changed_after_ingest_is_named(web, tmp_path, ray_loc
         run_job(demo_job(inp, out, stages=["basic"], section_key="parquet"), progress=False)
 
 
-def test_a_table_of_image_bytes_copied_into_shards_curates_through_the_demo_stages(web, tmp_path, ray_local):
+def test_a_table_of_image_bytes_copied_into_shards_curates_through_the_curation_stages(web, tmp_path, ray_local):
     paths = write_tables(tmp_path / "in", web, per_file=50)
     out = tmp_path / "ds"
-    run_job(demo_job({"kind": "parquet", "paths": str(tmp_path / "in/*.parquet")}, out,
+    run_job(demo_job({"kind": "parquet", "paths": str(tmp_path / "in/*.parquet")}, out, stages=CURATION,
                      section={"rows_per_shard": 40, "copy": True}, section_key="parquet"), progress=False)
     rep = inspect_dataset(str(out))
     assert rep["invariant_ok"], rep["problems"]
-    assert list(rep["stages"]) == ["parquet_images", *DEMO_STAGES]
+    assert list(rep["stages"]) == ["parquet_images", *CURATION_STAGES]
     src = rep["stages"]["parquet_images"]
     assert src["in"] == len(web) and src["kept"] == len(web) - src["dropped"].get("duplicate_input", 0)
     assert rep["stages"]["dedup"]["dropped"].get("duplicate_image", 0) > 0 and rep["stages"]["balance"]["kept"] > 0
