@@ -73,8 +73,14 @@ class Dataset:
         outcome: dict = {}
 
         def probe() -> None:
+            # info, not exists: exists says False for a bucket the credentials may not see
             try:
-                outcome["exists"] = self.fs.exists(bucket)
+                self.fs.info(bucket)
+                outcome["exists"] = True
+            except FileNotFoundError:
+                outcome["exists"] = False
+            except PermissionError as e:
+                outcome["denied"] = e
             except Exception as e:  # noqa: BLE001 - every failure to reach the store is reported
                 outcome["error"] = e
 
@@ -85,6 +91,9 @@ class Dataset:
         where = f" at {endpoint}" if endpoint else ""
         if worker.is_alive():
             raise OutputError(f"{self.url}: the object store{where} did not answer within {timeout:.0f}s")
+        if "denied" in outcome:
+            raise OutputError(f"{self.url}: the object store{where} refused access to the bucket {bucket!r} "
+                              f"(check the credentials in the environment): {str(outcome['denied'])[:200]}")
         if "error" in outcome:
             err = outcome["error"]
             raise OutputError(f"{self.url}: cannot reach the object store{where}: {type(err).__name__}: {str(err)[:200]}")
