@@ -61,6 +61,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.report import record  # noqa: E402
 
 VARIANTS = ("label", "shape", "concept", "caption", "caption+concept", "shape-negatives", "supervised")
 TEXT_SIDES = ("shape", "concept", "caption", "caption+concept", "shape-negatives")
@@ -219,6 +220,8 @@ def main() -> int:
     print(f"\n{'text side':<16}{'steps':>6}{'train s':>9}{'zero-shot':>11}{'chance':>8}{'last loss':>11}")
     for r in rows:
         print(f"{r['variant']:<16}{r['steps']:>6}{r['train_s']:>9}{r['zeroshot']:>11}{r['chance']:>8}{r['last_loss']:>11}")
+        record(f"zero-shot after training on {r['variant']} captions", r["zeroshot"] / r["chance"], value=r["zeroshot"],
+               baseline=r["chance"], against="chance", steps=r["steps"])
     return 0
 
 

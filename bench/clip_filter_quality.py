@@ -38,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.report import record  # noqa: E402
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -107,6 +108,9 @@ def main() -> int:
         print(f"{r['pipeline']:<15}{r['model']:<13}{r['scored']:>7}{r['bad']:>5}"
               f"{r['precision']:>9.3f} ({r['random_precision']:.3f}){r['recall']:>9.3f} ({r['random_recall']:.3f})"
               f"{r['lift']:>6.2f}{drops}")
+        record(f"CLIP filter bad-caption precision ({r['pipeline']}, {r['model']})", r["lift"],
+               goal=">= 2.0" if r["model"] == "trained" else "", value=r["precision"], baseline=r["random_precision"],
+               against="a random filter with the same keep rate", recall=r["recall"], random_recall=r["random_recall"])
     print("(per kind: dropped / scored)")
     return 0
 

@@ -45,6 +45,7 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.report import record  # noqa: E402
 
 import numpy as np
 
@@ -355,6 +356,9 @@ def bench_clip(args: argparse.Namespace) -> None:
         print(show(f"stage.process(), no engine ({workers} processes)", "process"))
         print(show(f"plain forward loop ({workers} processes)", "forward"))
         print(f"ratio stage/plain forward: {s['rate'] / fw:.2f}  (goal >= 0.8)")
+        record(f"clip stage images/s ({args.model})", s["rate"] / fw, goal=">= 0.8", value=s["rate"], baseline=fw,
+               unit="images/s", against="plain encode_image + encode_text on pre-decoded inputs",
+               process_ratio=round(best["process"]["rate"] / fw, 4))
         print(f"  stage.process/forward {best['process']['rate'] / fw:.2f}: decode, RGB, transform, tokenizing "
               f"(twice: the truncation count), verdicts")
         print(f"  stage/stage.process {s['rate'] / best['process']['rate']:.2f}: Ray, starting actors, "
@@ -425,6 +429,8 @@ def bench_phash(args: argparse.Namespace) -> None:
     same = set(zip(i.tolist(), j.tolist())) == set(zip(a.tolist(), b.tolist()))
     print(f"phash: {n} hashes, distance {distance}: multi-index {t_mih:.3f} s, all pairs {t_all:.2f} s, "
           f"{t_all / t_mih:.0f}x faster; {len(i)} pairs, same as all pairs: {same}")
+    record("phash pair search speed-up", t_all / t_mih, goal=">= 10", value=t_mih, baseline=t_all, unit="s",
+           against="all-pairs popcount scan", hashes=n, distance=distance, same_pairs=same)
 
 
 def bench_semantic(args: argparse.Namespace) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.report import record  # noqa: E402
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from recap.world.generate import generate_world  # noqa: E402
@@ -66,6 +67,11 @@ def main() -> int:
                               f"{fig['recall']:.3f}   {false:>3} ({false / max(1, fig['innocent']):.2%})   "
                               f"{len(fig['caught'])}/{fig['contaminated']} ({len(fig['wrongly_contaminated'])})",
                               flush=True)
+                        if check:
+                            record(f"dedup recall (seed {seed}, resize {resize})", fig["recall"], goal=">= 0.95",
+                                   against="truth.parquet's planted copies",
+                                   false_drop_rate=round(false / max(1, fig["innocent"]), 5),
+                                   heldout_caught=f"{len(fig['caught'])}/{fig['contaminated']}")
     return 0
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.report import record  # noqa: E402
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -100,6 +101,8 @@ def main() -> None:
         print(f"recap      : {recap_ok:6d} images in {recap_s:7.2f}s = {r:8.1f} images/s  (best of {args.repeat}; Ray start-up {ray_start:.1f}s excluded)")
         print(f"img2dataset: {i2d_ok:6d} images in {i2d_s:7.2f}s = {i:8.1f} images/s  (best of {args.repeat})")
         print(f"ratio recap/img2dataset: {r / i:.2f}  (goal >= 1.0)")
+        record("download images/s", r / i, goal=">= 1.0", value=r, baseline=i, unit="images/s",
+               against="img2dataset, same settings and processes", samples=args.samples)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

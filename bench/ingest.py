@@ -27,6 +27,7 @@ from pathlib import Path
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.report import record  # noqa: E402
 
 import numpy as np
 import pyarrow as pa
@@ -187,6 +188,12 @@ def main() -> None:
         print(show("recap parquet (in place)     ", "recap_pq"))
         print(show("pyarrow scan + decode", "pq_decode"))
         print(show("pyarrow scan only (no decode)", "pq_scan"))
+        record("webdataset source samples/s", best["recap_wds"][0] / best["wds"][0], goal=">= 0.8",
+               value=best["recap_wds"][0], baseline=best["wds"][0], unit="samples/s",
+               against="webdataset loop reading and decoding")
+        record("parquet source samples/s", best["recap_pq"][0] / best["pq_decode"][0], goal=">= 0.8",
+               value=best["recap_pq"][0], baseline=best["pq_decode"][0], unit="samples/s",
+               against="pyarrow scan + decode")
         print(f"ratio recap/pyarrow scan + decode: {best['recap_pq'][0] / best['pq_decode'][0]:.2f}  (goal >= 0.8); "
               f"recap/scan only: {best['recap_pq'][0] / best['pq_scan'][0]:.2f}")
     finally:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.report import record  # noqa: E402
 
 
 def _mixture(n: int, d: int, seed: int, centres: np.ndarray, spread: float) -> np.ndarray:
@@ -73,6 +74,8 @@ def bench_knn(n: int, d: int, queries: int, k: int, kinds: list[str], spread: fl
         print(f"  {kind:7s} build {t_build:7.2f}s  search {t_s:7.3f}s  recall@{k} {recall:.3f}  "
               f"speed-up {t_flat / t_s:5.1f}x  ({cfg.model_dump(exclude_defaults=True)})")
         rows.append({"kind": kind, "build_s": t_build, "search_s": t_s, "recall": recall, "speedup": t_flat / t_s})
+        record(f"kNN {kind} search speed-up (recall@{k} {recall:.3f}, goal >= 0.95)", t_flat / t_s, goal=">= 10", value=t_s, baseline=t_flat, unit="s",
+               against="exact flat search, same queries", recall_at_k=round(recall, 4), n=n, d=d)
     return rows
 
 
@@ -129,6 +132,8 @@ def bench_reinforce(samples: int, n_aug: int, model: str, image_size: int, seed:
          "ratio": t_fwd / t_stage, "tar_bytes": len(next(iter(files.values())))}
     print(f"reinforce: {samples} samples x {n_aug} augmentations, {model} at {image_size}px: stage "
           f"{r['stage_sps']:.1f} samples/s, teacher forward alone {r['forward_sps']:.1f} samples/s, ratio {r['ratio']:.2f}")
+    record("reinforce samples/s", r["ratio"], goal=">= 0.7", value=r["stage_sps"], baseline=r["forward_sps"],
+           unit="samples/s", against="the teacher's plain forward over the same crops and texts", model=model)
     return r
 
 

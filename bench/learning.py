@@ -41,6 +41,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.report import record  # noqa: E402
 
 
 def reinforced_split(heldout: Path, out: Path, negatives: bool, n_shards: int = 4) -> Path:
@@ -150,6 +151,9 @@ def main() -> int:
               f"{r['zeroshot_concept']:>8} ({r['zeroshot_concept_chance']})"
               f"{r['R@10']:>8} ({r['R@10_chance']}){r['colour_swap']:>13}{r['shape_swap']:>12}"
               f"{r['shape_probe']:>8} ({r['zeroshot_chance']}){r['shape_probe_untrained']:>11}")
+        record(f"zero-shot shape accuracy ({r['model']}, {r['steps']} steps)", r["zeroshot"] / r["zeroshot_chance"],
+               goal=">= 2.0", value=r["zeroshot"], baseline=r["zeroshot_chance"], against="chance",
+               r_at_10=r["R@10"])
     print(f"(swap chance {rows[0]['swap_chance'] if rows else 0.5}; shape probe chance = zero-shot chance)")
     return 0
 

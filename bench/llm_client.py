@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/llm_server.py
+from bench.report import record  # noqa: E402
 
 
 def bench_http(n: int, concurrency: int, delay: float) -> dict:
@@ -134,12 +135,18 @@ def main() -> None:
         r = bench_http(a.requests, a.concurrency, a.delay)
         print(f"openai client: {r['concurrent_rps']:.1f} req/s at concurrency {a.concurrency} vs {r['serial_rps']:.1f} "
               f"one at a time (server delay {a.delay * 1000:.0f} ms): ratio {r['ratio']:.2f} (ideal {r['ideal']})")
+        record("LLM client requests/s", r["ratio"], goal=f">= {0.8 * r['ideal']:g}", value=r["concurrent_rps"],
+               baseline=r["serial_rps"], unit="requests/s", against="one request at a time, same server",
+               concurrency=a.concurrency)
     if a.only in (None, "coca"):
         for greedy in (True, False):
             r = bench_coca(a.images, a.batch_size, greedy)
             print(f"coca ({'greedy' if greedy else 'top-p 0.9'}): {r['stage_captions_per_s']:.1f} captions/s through the "
                   f"recaption stage vs {r['direct_captions_per_s']:.1f} from trainer.generate directly: "
                   f"ratio {r['ratio']:.2f} (goal >= 0.8)")
+            record(f"CoCa captions/s ({'greedy' if greedy else 'top-p'})", r["ratio"], goal=">= 0.8",
+                   value=r["stage_captions_per_s"], baseline=r["direct_captions_per_s"], unit="captions/s",
+                   against="trainer.generate directly")
 
 
 if __name__ == "__main__":

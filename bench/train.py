@@ -78,6 +78,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.report import record  # noqa: E402
 CONFIG_DIR = ROOT / "trainer" / "model_configs"
 
 
@@ -358,6 +359,9 @@ def main() -> None:
         ratio = best["recap"]["steady"] / best["open_clip"]["steady"]
         print(f"\nratio recap/open_clip = {ratio:.2f} (steady, steps {args.warmup + 1}..{args.steps}; "
               f"end to end {best_wall['open_clip'] / best_wall['recap']:.2f}); goal >= 1.0")
+        record("trainer samples/s", ratio, goal=">= 1.0", value=best["recap"]["steady"],
+               baseline=best["open_clip"]["steady"], unit="samples/s", against="open_clip_train, same data and model",
+               model=args.model, device=args.device)
         if args.profile:
             # open_clip's loader needs its webdataset (the overlay): time both loaders in a child
             # process that has it first on sys.path (recap's reader does not use webdataset).
