@@ -5,6 +5,7 @@ barrier: its partials finish, a Ray task reduces them, and a new streaming run a
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -24,8 +25,9 @@ from recap.pipeline.stage import SourceStage, StageContext, get_stage_class
 from recap.pipeline.stage_data import StageData, output_rel, partial_rel, state_rel
 from recap.pipeline.preflight import (DERIVED, PLAN, check_address, check_dataset, check_stage_order,
                                       input_fingerprint, plan_input)
-from recap.pipeline.steps import StepFailure, StepRunner, StepSpec, config_hash, load_input, published
-from recap.pipeline.storage import Dataset, json_bytes
+from recap.pipeline.steps import (ENGINE_PATHS, StepFailure, StepRunner, StepSpec, config_hash, load_input,
+                                  published)
+from recap.pipeline.storage import Dataset, finite_json, json_bytes
 
 log = logging.getLogger("recap")
 
@@ -48,7 +50,12 @@ def _planned_rows(ds: Dataset) -> int:
 
 
 def _context(job: Job, ds: Dataset, stage: str, n_inputs: int) -> StageContext:
-    return StageContext(job_name=job.name, seed=job.seed, stage=stage, dataset=ds.url, n_inputs=n_inputs)
+    names = [e.name for e in job.stages]
+    before = job.stages[:names.index(stage)] if stage in names else []
+    earlier = tuple((e.name, json.dumps(finite_json(e.config.model_dump(mode="json")), sort_keys=True))
+                    for e in before)
+    return StageContext(job_name=job.name, seed=job.seed, stage=stage, dataset=ds.url, n_inputs=n_inputs,
+                        earlier=earlier)
 
 
 def build_steps(job: Job, ds: Dataset, fingerprint: str, verify: bool = False) -> list[StepSpec]:
@@ -202,6 +209,19 @@ def _reduce(spec: StepSpec, n_shards: int) -> None:
     ray.get(ray.remote(**_remote_args(spec))(reduce_task).remote(spec, n_shards))
 
 
+def published_files(ds: Dataset) -> list[str]:
+    """The files stages published outside the engine's folders, as their commit markers list them."""
+    out: set[str] = set()
+    for step in ds.listdir("commits"):
+        for name in ds.listdir(f"commits/{step}"):
+            try:
+                marker = ds.read_json(f"commits/{step}/{name}")
+            except (OSError, ValueError):
+                continue  # a marker cut short: its files were never declared complete
+            out.update(rel for rel in marker.get("files", {}) if rel.split("/")[0] not in ENGINE_PATHS)
+    return sorted(out)
+
+
 def _failure_message(ds: Dataset, err: BaseException) -> str:
     texts = []
     for name in ds.listdir("logs/failures"):
@@ -258,6 +278,8 @@ def run_job(job: Job, address: str | None = None, cpus: int | None = None, progr
         lease.acquire()
         if verdict == "replace":
             log.warning("--overwrite: discarding the derived files in %s", ds.url)
+            for rel in published_files(ds):  # a stage's product (shards of a dataset) is derived too
+                ds.remove(rel)
             for d in DERIVED:
                 ds.remove(d)
         ds.clear_tmp()

@@ -16,6 +16,7 @@ the engine never imports one by name.
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -66,6 +67,17 @@ class StageContext:
     stage: str
     dataset: str
     n_inputs: int = 0  # rows in the planned input: lets a global stage size a uniform sample
+    # (name, config as JSON) of the stages before this one in the job, in job order
+    earlier: tuple[tuple[str, str], ...] = ()
+
+    def earlier_config(self, name: str) -> dict | None:
+        """The config (as the manifest records it) of the last stage called ``name`` that runs
+        before this one in the job, or None: what a stage that describes the job's product (the
+        generators of its texts) reads, without the engine knowing which stages those are."""
+        for stage, config in reversed(self.earlier):
+            if stage == name:
+                return json.loads(config)
+        return None
 
 
 class Stage:

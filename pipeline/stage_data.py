@@ -55,6 +55,11 @@ class StageData:
         rel = Dataset.sidecar_rel(self.stage, shard)
         return self.dataset.read_table(rel, columns=columns) if self.dataset.exists(rel) else None
 
+    def published(self, rel: str) -> bytes:
+        """A file the stage's partial published at ``rel`` (a packed tar), read back: what a reduce
+        reads to re-pack a product across shards."""
+        return self.dataset.read_bytes(rel)
+
     def inputs(self, shard: int, columns: list[str]) -> pa.Table:
         """The rows ``partial`` saw for ``shard`` (``uid`` and ``columns``, which the stage must
         read): what a reduce reads instead of carrying columns an earlier stage already stored."""

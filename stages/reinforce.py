@@ -36,12 +36,15 @@ from recap.models.encoders import EncoderError, EncoderSpec, Precision
 from recap.pipeline.errors import UserError
 from recap.pipeline.reinforced import (AugConfig, ReinforcedConfig, TeacherConfig, encode_shard, index_files,
                                        replay_augmentation, sample_param_aug)
-from recap.pipeline.reinforced.layout import SHARDS_DIR
+from recap.pipeline.reinforced.layout import SHARDS_DIR, shard_file
+from recap.pipeline.rng import uniform
+from recap.pipeline.shards import read_tar, write_tar
 from recap.pipeline.stage import IMAGE_COLUMN, GlobalStage, StageConfig
 from recap.pipeline.stage_data import StageData
 from recap.pipeline.verdicts import verdicts
 from recap.stages.syn_texts import HQ_COLUMNS, LLM_NEG_COLUMNS, SYN_COLUMNS, syn_texts, texts
 
+PARTS_DIR = "parts"
 NEG_COLUMNS = ("hard_neg_uids", "hard_neg_sims", "neg_text_short", "neg_type", "neg_of")
 # earlier columns that go into the sample's json as they are
 META_COLUMNS = ("lang", "lang_score", "matched_entries", "balance_prob", "dedup_group")
@@ -76,9 +79,14 @@ class ReinforceConfig(StageConfig):
     emb_format: Literal["npz", "pth.gz"] = Field("npz", description="npz, or DataCompDR's bf16 pth.gz")
     output: str = Field("reinforced", description="folder under the dataset that receives the reinforced dataset")
     encode_batch: int = Field(64, ge=1, description="samples per teacher forward pass")
+    samples_per_shard: int | None = Field(
+        None, ge=1, description="samples per output tar (the last one shorter); null: one tar per pipeline shard")
+    shuffle: bool = Field(False, description="order the samples across the whole dataset by a hash of (job seed, "
+                                             "uid) instead of the pipeline's order")
     generators: dict[str, Any] = Field(default_factory=dict,
-                                       description="captioner/LLM names, prompts, generation params for config.json "
-                                                   "(each string prompt gets its sha256 beside it)")
+                                       description="more generator provenance for config.json, beside what the job's "
+                                                   "recaption and rewrite stages record (a key here replaces theirs; "
+                                                   "each string prompt gets its sha256 beside it)")
 
     @field_validator("teachers")
     @classmethod
@@ -102,8 +110,14 @@ class ReinforceConfig(StageConfig):
             raise ValueError(f"{v!r}: a folder name relative to the dataset")
         return v.strip("/")
 
-    def reinforced_config(self, dims: list[int]) -> ReinforcedConfig:
-        gens = _with_prompt_hashes(self.generators)
+    @property
+    def repack(self) -> bool:
+        """Whether the reduce re-packs the partials' tars into the output shards."""
+        return self.samples_per_shard is not None or self.shuffle
+
+    def reinforced_config(self, dims: list[int], earlier: dict[str, Any] | None = None) -> ReinforcedConfig:
+        """config.json's model; ``earlier``: the generators the job's text stages record."""
+        gens = _with_prompt_hashes({**(earlier or {}), **self.generators})
         return ReinforcedConfig(
             teachers=[TeacherConfig(name=t.label(), pretrained=_shown(t.pretrained), dim=d)
                       for t, d in zip(self.teachers, dims)],
@@ -135,6 +149,37 @@ def _with_prompt_hashes(gens: dict[str, Any]) -> dict[str, Any]:
         out[k] = v
         if isinstance(v, str) and "prompt" in k:
             out[f"{k}_sha256"] = hashlib.sha256(v.encode()).hexdigest()
+    return out
+
+
+# stage whose config describes a text generator -> config.json's key for it
+TEXT_STAGES = (("recaption", "captioner"), ("rewrite", "rewriter"))
+_SAMPLING = ("temperature", "top_p", "max_tokens", "greedy", "max_len")
+
+
+def text_generators(earlier_config) -> dict[str, Any]:
+    """config.json's generators from the configs of the job's text stages that ran before this one
+    (``earlier_config``: the stage context's accessor): model, mode, prompt and its hash, sampling.
+    Endpoints and key variables are left out: they say where a model ran, not what wrote the texts."""
+    out: dict[str, Any] = {}
+    for stage, key in TEXT_STAGES:
+        conf = earlier_config(stage)
+        if conf is None:
+            continue
+        backend = conf.get("backend") or {}
+        prompts = conf.get("prompts") or {}
+        prompt = prompts.get("template", prompts.get("instruction"))
+        gen: dict[str, Any] = {"stage": stage, "kind": backend.get("kind"), "model": backend.get("model"),
+                               "mode": conf.get("mode"), "k": conf.get("k"),
+                               "sampling": {k: backend[k] for k in _SAMPLING if backend.get(k) is not None}}
+        if prompt:
+            gen["prompt"] = prompt
+        # the stage's own digest of everything that decides a reply (prompt, schema, sampling)
+        gen["request_sha256"] = prompts.get("sha256")
+        for extra in ("schema_sha256", "meta_pairs_sha256"):
+            if prompts.get(extra):
+                gen[extra] = prompts[extra]
+        out[key] = {k: v for k, v in gen.items() if v is not None}
     return out
 
 
@@ -202,7 +247,7 @@ class ReinforceStage(GlobalStage):
         cfg: ReinforceConfig = self.config
         teachers = self._load()
         dims = [t.dim for t in teachers]
-        rconf = cfg.reinforced_config(dims)
+        rconf = cfg.reinforced_config(dims, text_generators(self.ctx.earlier_config))
         present = set(batch.column_names)
         cols = {c: batch.column(c).to_pylist() for c in batch.column_names}
         rows = [dict(zip(cols, vals)) for vals in zip(*cols.values())]
@@ -252,7 +297,8 @@ class ReinforceStage(GlobalStage):
             self._count(s, coverage)
         if kept:
             example = _example(kept[0])
-        rel = f"{cfg.output}/{SHARDS_DIR}/{{shard}}.tar"
+        # a re-packed dataset's partial tars wait in parts/ for the reduce; shards/ holds only output
+        rel = f"{cfg.output}/{PARTS_DIR if cfg.repack else SHARDS_DIR}/{{shard}}.tar"
         files = {}
         summary: dict[str, Any] = {"n": len(kept), "dims": dims, "coverage": coverage, "example": example}
         if kept:
@@ -331,8 +377,6 @@ class ReinforceStage(GlobalStage):
     # -- reduce: the dataset's index files ------------------------------------------------------
 
     def reduce(self, partials: list[Any]) -> dict:
-        from recap.pipeline.reinforced import shard_file
-
         cfg: ReinforceConfig = self.config
         dims, entries, coverage, example = None, [], {}, None
         for shard, p in enumerate(partials):
@@ -349,15 +393,45 @@ class ReinforceStage(GlobalStage):
                 entries.append({"name": name, "path": f"{SHARDS_DIR}/{name}", "n": p["n"], "bytes": p["bytes"],
                                 "sha256": p["sha256"]})
                 example = example or p["example"]
+        self._packed: dict[str, bytes] = {}
+        if cfg.repack and entries:
+            self._packed, entries = self._repack([int(e["name"].split(".")[0]) for e in entries])
         dims = dims or [0] * len(cfg.teachers)
-        return {"config": cfg.reinforced_config(dims).model_dump(mode="json") if all(dims) else None,
+        gens = text_generators(self.ctx.earlier_config)
+        return {"config": cfg.reinforced_config(dims, gens).model_dump(mode="json") if all(dims) else None,
                 "entries": entries, "coverage": coverage, "example": example, "output": cfg.output}
+
+    def _repack(self, shards: list[int]) -> tuple[dict[str, bytes], list[dict]]:
+        """Output tars of ``samples_per_shard`` samples from the partials' tars (read back once),
+        in pipeline order or, with ``shuffle``, sorted by a hash of (job seed, uid): either way
+        the order never depends on how the work was split among workers."""
+        cfg: ReinforceConfig = self.config
+        groups: list[tuple[str, dict[str, bytes]]] = []
+        for shard in shards:
+            groups.extend(read_tar(self.data.published(f"{cfg.output}/{PARTS_DIR}/{shard_file(shard)}")).items())
+        if cfg.shuffle:
+            keys = uniform(self.ctx.seed, f"{self.ctx.stage}.shuffle", [k for k, _ in groups])
+            order = sorted(range(len(groups)), key=lambda i: (keys[i], groups[i][0]))
+            groups = [groups[i] for i in order]
+        size = cfg.samples_per_shard or len(groups)
+        files, entries = {}, []
+        for index, start in enumerate(range(0, len(groups), size)):
+            chunk = groups[start:start + size]
+            data = write_tar(chunk)
+            name = shard_file(index)
+            files[f"{SHARDS_DIR}/{name}"] = data
+            entries.append({"name": name, "path": f"{SHARDS_DIR}/{name}", "n": len(chunk), "bytes": len(data),
+                            "sha256": hashlib.sha256(data).hexdigest()})
+            groups[start:start + size] = [None] * len(chunk)  # free each sample once it is packed
+        return files, entries
 
     def publish(self, state: dict) -> dict[str, bytes]:
         if state["config"] is None:
             return {}
         config = ReinforcedConfig.model_validate(state["config"])
-        return {f"{state['output']}/{rel}": data for rel, data in index_files(config, state["entries"]).items()}
+        files = dict(getattr(self, "_packed", None) or {})
+        files.update(index_files(config, state["entries"]))
+        return {f"{state['output']}/{rel}": data for rel, data in files.items()}
 
     def apply(self, batch: pa.Table, state: dict) -> pa.Table:
         return verdicts(batch.column("uid"), drop=batch.column("reinforce_drop").combine_chunks(),

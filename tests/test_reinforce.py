@@ -18,6 +18,8 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), 
 SHAPES = ("circle", "square", "triangle")
 TEACHERS = [{"model": "recap-tiny", "pretrained": None}, {"model": "recap-tiny-cnn", "pretrained": None}]
 AUG = {"image_size": 48, "n_aug": 3}
+# the shared run re-packs: 23 samples from 3 pipeline shards into tars of 5 in a seeded order
+REPACK = {"samples_per_shard": 5, "shuffle": True}
 
 
 def _picture(colour: str, shape: str, size: int, shift: int) -> bytes:
@@ -94,7 +96,7 @@ def dataset(built, ray_local, text_stage):
         root = built["root"]
         built["captions"] = make_pictures(root / "pics")
         built["out"] = root / "a"
-        run(job_data(root / "pics", built["out"], concurrency=2))
+        run(job_data(root / "pics", built["out"], concurrency=2, extra=REPACK))
     return built
 
 
@@ -143,7 +145,7 @@ def test_shards_hold_every_member_with_teacher_embeddings(dataset):
     no_syn = [s for s in samples if "caption" not in s["syn"]["syn_source"]]
     assert no_syn and rep["stages"]["reinforce"]["notes"].get("missing_syn_text_caption") == len(no_syn)
     text = format_report(rep)
-    assert "reinforce: 23 samples in 3 shards" in text and "coverage: " in text and "syn_caption " in text
+    assert "reinforce: 23 samples in 5 shards" in text and "coverage: " in text and "syn_caption " in text
     assert "neg (swap_attributes)" in text or "neg (" in text
     assert "embeddings: image_emb [3, 256]" in text
 
@@ -217,22 +219,48 @@ def test_our_trainer_trains_on_the_shards_with_distillation_syn_texts_and_negati
     assert (tmp_path / "run/checkpoints/step_3.pt").is_file()
 
 
+def test_output_shards_have_the_asked_size_every_uid_once_in_the_seeded_order(dataset):
+    from recap.pipeline.rng import uniform
+
+    out = dataset["out"] / "reinforced"
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert list(sizes.items()) == [(f"{i:05d}.tar", 5) for i in range(4)] + [("00004.tar", 3)]
+    manifest = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert [(m["name"], m["n"], m["bytes"]) for m in manifest] == \
+        [(p.name, sizes[p.name], p.stat().st_size) for p in sorted((out / "shards").glob("*.tar"))]
+    uids = []
+    for m in manifest:
+        with tarfile.open(out / m["path"]) as tf:
+            keys = list(dict.fromkeys(x.name.split(".", 1)[0] for x in tf.getmembers()))
+        assert len(keys) == m["n"]
+        uids.extend(keys)
+    kept = pq.read_table(dataset["out"] / "stages/reinforce/carry").to_pylist()
+    assert sorted(uids) == sorted(r["uid"] for r in kept if r["reinforce_drop"] is None) and len(set(uids)) == 23
+    # the order: a hash of (job seed, uid) alone, not the pipeline's order
+    keys = uniform(3, "reinforce.shuffle", uids)
+    assert list(keys) == sorted(keys)
+    assert uids != sorted(uids, key=lambda u: [r["uid"] for r in kept].index(u))
+    # the partials' tars wait in parts/, never where readers look
+    assert len(list((out / "parts").glob("*.tar"))) == 3
+
+
 def test_same_bytes_with_one_worker_and_after_a_lost_tar(dataset):
     """One teacher worker instead of two gives the same reinforced dataset; a tar cut short is
-    redone on the next run (its partial's marker no longer holds)."""
+    redone on the next run (its commit's marker no longer holds)."""
     a = dataset["out"]
     b = dataset["root"] / "b"
-    run(job_data(dataset["root"] / "pics", b, concurrency=1))
+    run(job_data(dataset["root"] / "pics", b, concurrency=1, extra=REPACK))
 
     def files(root: Path) -> dict[str, bytes]:
         return {str(p.relative_to(root)): p.read_bytes() for p in sorted((root / "reinforced").rglob("*")) if p.is_file()}
 
     fa = files(a)
-    assert fa == files(b) and len(fa) == 3 + 3 + 1  # 3 shards, config, 2 sizes, manifest
-    tar = b / "reinforced/shards/00001.tar"
-    tar.write_bytes(tar.read_bytes()[:1000])
-    run(job_data(dataset["root"] / "pics", b, concurrency=1))
-    assert files(b) == fa
+    assert fa == files(b) and len(fa) == 5 + 3 + 3 + 1  # 5 shards, 3 partial tars, config, 2 sizes, manifest
+    for cut in ("reinforced/shards/00001.tar", "reinforced/parts/00002.tar"):
+        tar = b / cut
+        tar.write_bytes(tar.read_bytes()[:1000])
+        run(job_data(dataset["root"] / "pics", b, concurrency=1, extra=REPACK))
+        assert files(b) == fa, cut
 
 
 def test_missing_texts_and_no_negatives_stage_still_write_shards(ray_local, folder_source, tmp_path):
@@ -263,3 +291,73 @@ def test_teacher_dims_that_change_between_shards_are_an_error_naming_the_teacher
     assert [t["dim"] for t in ok["config"]["teachers"]] == [128, 128] and [e["name"] for e in ok["entries"]] == ["00000.tar"]
     with pytest.raises(UserError, match=r"teacher 1 \(recap-tiny-cnn\) gave 64-d embeddings on shard 1 but 128-d"):
         stage.reduce([{**part, "dims": [128, 128]}, {**part, "dims": [128, 64]}])
+
+
+def test_config_json_generators_come_from_the_jobs_text_stages(folder_source, tmp_path, monkeypatch):
+    """The captioner and rewriter in config.json are what the job's recaption and rewrite stages
+    ran with (model, mode, prompt and its sha256, sampling), never their endpoint or key variable;
+    the stage's own ``generators`` adds to them."""
+    import hashlib
+
+    from recap.pipeline.job import build_job
+    from recap.pipeline.runner import _context
+    from recap.pipeline.storage import Dataset
+    from recap.stages.reinforce import ReinforceStage
+    from tests.llm_server import MODEL, LLMServer
+
+    monkeypatch.setenv("RECAP_TEST_KEY", "sk-secret-value")
+    pics = tmp_path / "pics"
+    make_pictures(pics, 2)
+    data = job_data(pics, tmp_path / "o", texts=False, extra={"generators": {"note": "teacher from bench",
+                                                                             "rewriter_prompt": "x"}})
+    with LLMServer() as srv:  # the text stages' configs check that their server answers
+        backend = {"kind": "openai", "base_url": srv.base_url, "model": MODEL, "api_key_env": "RECAP_TEST_KEY",
+                   "temperature": 0.3}
+        data["stages"][1:1] = [{"recaption": {"mode": "detailed", "k": 2, "backend": backend}},
+                               {"rewrite": {"mode": "laclip", "k": 3, "backend": {**backend, "max_tokens": 60}}}]
+        job = build_job(data, str(tmp_path / "rf.yaml"))
+    part = {"n": 2, "coverage": {"samples": 2}, "example": None, "bytes": 10, "sha256": "0" * 64, "dims": [128, 128]}
+
+    def generators(stage_name: str) -> dict:
+        entry = next(e for e in job.stages if e.name == stage_name)
+        stage = ReinforceStage(entry.config, _context(job, Dataset(str(tmp_path / "o")), stage_name, 0))
+        return stage.reduce([part])["config"]["generators"]
+
+    gens = generators("reinforce")
+    recaption, rewrite = (next(e.config for e in job.stages if e.name == n) for n in ("recaption", "rewrite"))
+    cap, rew = gens["captioner"], gens["rewriter"]
+    assert (cap["stage"], cap["kind"], cap["model"], cap["mode"], cap["k"]) == ("recaption", "openai", MODEL,
+                                                                                "detailed", 2)
+    assert cap["prompt"] == recaption.prompts["template"] and cap["prompt"]
+    assert cap["prompt_sha256"] == hashlib.sha256(cap["prompt"].encode()).hexdigest()
+    assert cap["request_sha256"] == recaption.prompts["sha256"] and cap["sampling"]["temperature"] == 0.3
+    assert (rew["mode"], rew["k"], rew["prompt"], rew["sampling"]["max_tokens"]) == \
+        ("laclip", 3, rewrite.prompts["instruction"], 60)
+    assert gens["note"] == "teacher from bench" and gens["rewriter_prompt_sha256"] == hashlib.sha256(b"x").hexdigest()
+    text = json.dumps(gens)
+    assert "127.0.0.1" not in text and "RECAP_TEST_KEY" not in text and "sk-secret" not in text
+    # a stage sees only the stages before it: the negatives stage would see the text stages, the
+    # clip stage (first after the source) none
+    assert _context(job, Dataset(str(tmp_path / "o")), "clip", 0).earlier_config("recaption") is None
+    assert _context(job, Dataset(str(tmp_path / "o")), "negatives", 0).earlier_config("rewrite")["k"] == 3
+
+
+def test_overwrite_leaves_no_tar_of_the_previous_run(ray_local, folder_source, tmp_path):
+    """``recap run --overwrite`` over a dataset of another input setting: the old run's reinforced
+    tars (more shards than the new run makes) are gone, not read as part of the new dataset."""
+    from recap.pipeline.job import build_job
+    from recap.pipeline.reinforced import list_shards
+    from recap.pipeline.runner import run_job
+
+    pics, out = tmp_path / "pics", tmp_path / "o"
+    make_pictures(pics, 8)
+    data = job_data(pics, out, files_per_shard=2, texts=False)
+    data["stages"] = [s for s in data["stages"] if "reinforce" in s]
+    run(data)
+    assert len(list((out / "reinforced/shards").glob("*.tar"))) == 4
+    data["scan"]["files_per_shard"] = 5
+    run_job(build_job(data, "rf.yaml"), progress=False, overwrite=True)
+    tars = list_shards(str(out / "reinforced"))
+    sizes = json.loads((out / "reinforced/sizes.json").read_text())
+    assert [Path(t).name for t in tars] == sorted(sizes) == ["00000.tar", "00001.tar"]
+    assert sum(sizes.values()) == 7
