@@ -25,8 +25,8 @@ from recap.pipeline.stage import SourceStage, StageContext, get_stage_class
 from recap.pipeline.stage_data import StageData, output_rel, partial_rel, state_rel
 from recap.pipeline.preflight import (DERIVED, PLAN, check_address, check_dataset, check_stage_order,
                                       input_fingerprint, plan_input)
-from recap.pipeline.steps import (ENGINE_PATHS, StepFailure, StepRunner, StepSpec, config_hash, load_input,
-                                  published)
+from recap.pipeline.steps import (ENGINE_PATHS, StepFailure, StepRunner, StepSpec, commit_replacing, config_hash,
+                                  load_input, published)
 from recap.pipeline.storage import Dataset, finite_json, json_bytes
 
 log = logging.getLogger("recap")
@@ -204,7 +204,11 @@ def _reduce(spec: StepSpec, n_shards: int) -> None:
         files.update(published(stage, stage.publish(state), None))
         stage.teardown()
         files[state_rel(spec.name)] = json_bytes({"state": state})
-        spec.dataset.commit(f"{spec.name}.reduce", 0, spec.config_hash, files, {"partials": len(partials)})
+        # what this run's partials published stays, whatever an older reduce listed
+        fresh = frozenset(rel for shard in range(n) for rel in spec.dataset.read_json(
+            Dataset.commit_rel(f"{spec.name}.partial", shard)).get("files", {}))
+        commit_replacing(spec.dataset, f"{spec.name}.reduce", 0, spec.config_hash, files, {"partials": len(partials)},
+                         keep=fresh)
 
     ray.get(ray.remote(**_remote_args(spec))(reduce_task).remote(spec, n_shards))
 

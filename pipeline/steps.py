@@ -238,6 +238,22 @@ def published(stage: Stage, files: Any, shard: int | None) -> dict[str, bytes]:
     return out
 
 
+def commit_replacing(ds: Dataset, step: str, shard: int, config_hash: str, files: dict[str, bytes], counts: dict,
+                     keep: frozenset[str] = frozenset()) -> dict:
+    """Commit, then remove the files the step's previous commit of this shard published and this
+    one does not (a product re-packed into fewer shards), except those in ``keep``: a rerun with
+    another config never leaves a stale file where readers look."""
+    try:
+        old = set(ds.read_json(Dataset.commit_rel(step, shard)).get("files", {}))
+    except (OSError, ValueError):
+        old = set()
+    marker = ds.commit(step, shard, config_hash, files, counts)
+    for rel in sorted(old - set(files) - keep):
+        if rel.split("/")[0] not in ENGINE_PATHS:
+            ds.remove(rel)
+    return marker
+
+
 def split_partial(stage: GlobalStage, table: pa.Table, result: Any,
                   shard: int | None = None) -> tuple[Any, pa.Table | None, dict[str, bytes]]:
     """A partial's (summary, carried rows, published files); the rows checked against the stage's
@@ -371,7 +387,7 @@ class StepRunner:
             if stage.carry():
                 files[carry_rel(spec.name, shard)] = table_bytes(partials.pop())
             files[partial_rel(spec.name, shard)] = json_bytes(partials)
-            return ds.commit(spec.step, shard, spec.config_hash, files, {"in": table.num_rows})["counts"]
+            return commit_replacing(ds, spec.step, shard, spec.config_hash, files, {"in": table.num_rows})["counts"]
         if spec.phase == "apply" and stage.carry():
             table = with_carry(stage, table, ds.read_table(carry_rel(spec.name, shard)))
         out, _ = run_stage(stage, table, spec.phase, self.state)

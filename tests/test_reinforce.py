@@ -361,3 +361,24 @@ def test_overwrite_leaves_no_tar_of_the_previous_run(ray_local, folder_source, t
     sizes = json.loads((out / "reinforced/sizes.json").read_text())
     assert [Path(t).name for t in tars] == sorted(sizes) == ["00000.tar", "00001.tar"]
     assert sum(sizes.values()) == 7
+
+
+def test_a_resumed_run_with_another_shard_size_leaves_no_stale_tar(ray_local, folder_source, tmp_path):
+    """Re-packing into fewer shards, then back to one tar per pipeline shard, on the same dataset:
+    each rerun's shards/ holds exactly what its sizes.json lists (an old tar would be read as data)."""
+    from recap.pipeline.reinforced import list_shards
+
+    pics, out = tmp_path / "pics", tmp_path / "o"
+    make_pictures(pics, 8)
+    data = job_data(pics, out, files_per_shard=4, texts=False)
+    data["stages"] = [s for s in data["stages"] if "reinforce" in s]
+    for extra, want in (({"samples_per_shard": 2}, [2, 2, 2, 1]), ({"samples_per_shard": 5}, [5, 2]),
+                        ({}, [3, 4])):
+        data["stages"][0]["reinforce"] = {**{k: v for k, v in data["stages"][0]["reinforce"].items()
+                                             if k != "samples_per_shard"}, **extra}
+        run(data)
+        sizes = json.loads((out / "reinforced/sizes.json").read_text())
+        assert [Path(t).name for t in list_shards(str(out / "reinforced"))] == sorted(sizes), extra
+        assert [sizes[k] for k in sorted(sizes)] == want, extra
+        if not extra:  # one tar per pipeline shard again: no partial tar waits in parts/
+            assert not any((out / "reinforced/parts").glob("*.tar"))
