@@ -13,8 +13,11 @@ paug.json, syn.json, neg.json, npz or pth.gz) make one tar per shard, published 
 a rerun redoes a shard whose tar is missing or cut short, so no tar is ever half-written.
 
 Reduce checks that every shard saw the same teacher dims, then publishes ``config.json``,
-``sizes.json`` (also ``shards/sizes.json``, where open_clip looks) and ``manifest.jsonl``. Apply
-keeps or drops each sample as the partial decided.
+``sizes.json`` (also ``shards/sizes.json``, where open_clip looks) and ``manifest.jsonl``. With
+``samples_per_shard`` or ``shuffle`` the partials' tars go to ``parts/`` and the reduce re-packs
+them into output tars of that size, in pipeline order or ordered by a hash of (job seed, uid).
+``config.json``'s generators come from the job's recaption and rewrite configs. Apply keeps or
+drops each sample as the partial decided.
 
 Every earlier column is optional except the image and the caption: a job without recaptioning
 writes no syn.json, one without the negatives stage no neg.json. A sample that lacks a column
