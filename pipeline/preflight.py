@@ -47,7 +47,11 @@ def input_fingerprint(source: SourceStage, job: Job) -> str:
     except OSError as e:  # a missing or unreadable input is the user's to fix
         from recap.pipeline.inputs import InputError
 
-        raise InputError(f"cannot read the input: {e.strerror or e}: {getattr(e, 'filename', '') or ''}".rstrip(": ")) from None
+        # an object store's error names the bucket or key, not the URL the user wrote
+        where = getattr(job.input, "path", None)
+        name = str(getattr(e, "filename", "") or "")
+        why = f"{e.strerror or e}: {name if name and name not in str(where) else ''}".rstrip(": ")
+        raise InputError(f"{where}: cannot read the input: {why}" if where else f"cannot read the input: {why}") from None
 
 
 def _plan_record(job: Job, fingerprint: str, source_config: dict) -> dict:

@@ -242,6 +242,7 @@ class SlowDownProxy:
         self.server.server_close()
 
 
+@pytest.mark.slow  # ~15 s alone, a minute on a loaded machine: botocore backs off before each retry
 def test_throttled_requests_are_retried_and_the_bytes_do_not_change(world, reference, s3_endpoint):
     _, port, _ = world
     secret = "s3-secret-" + secrets.token_hex(8)
@@ -277,14 +278,16 @@ def _moto_with_auth() -> tuple[subprocess.Popen, str]:
     raise RuntimeError("moto_server did not start")
 
 
-@pytest.mark.parametrize("case", ["missing_bucket", "bad_credentials", "throttled_for_good"])
+@pytest.mark.parametrize("case", ["missing_bucket", "missing_input_bucket", "bad_credentials", "throttled_for_good"])
 def test_storage_errors_exit_2_naming_the_url_within_seconds(world, tmp_path, s3_endpoint, case):
     world_dir, port, _ = world
     secret = "s3-secret-" + secrets.token_hex(8)
-    out = f"s3://{BUCKET}/ds" if case != "missing_bucket" else "s3://no-such-bucket-here/ds"
-    sets = job_sets(str(world_dir / "urls.parquet"), port, "[]")
+    out = {"missing_bucket": "s3://no-such-bucket-here/ds", "missing_input_bucket": str(tmp_path / "ds")}.get(
+        case, f"s3://{BUCKET}/ds")
+    urls = "s3://no-such-bucket-here/urls.parquet" if case == "missing_input_bucket" else str(world_dir / "urls.parquet")
+    sets = job_sets(urls, port, "[]")
     started = time.time()
-    if case == "missing_bucket":
+    if case.startswith("missing"):
         p = cli(sets, out, s3_env(s3_endpoint, secret))
         stdout, stderr = p.communicate(timeout=120)
     elif case == "bad_credentials":
@@ -301,8 +304,9 @@ def test_storage_errors_exit_2_naming_the_url_within_seconds(world, tmp_path, s3
             stdout, stderr = p.communicate(timeout=120)
     took = time.time() - started
     assert p.returncode == 2, (stdout[-2000:], stderr[-2000:])
-    assert out in stderr and "Traceback" not in stderr + stdout
-    says = {"missing_bucket": ["does not exist"], "bad_credentials": ["refused access"],
+    assert (urls if case == "missing_input_bucket" else out) in stderr and "Traceback" not in stderr + stdout
+    says = {"missing_bucket": ["does not exist"], "missing_input_bucket": ["bucket does not exist"],
+            "bad_credentials": ["refused access"],
             "throttled_for_good": ["did not answer", "Service Unavailable"]}[case]
     assert any(s in stderr for s in says), stderr[-2000:]
     assert took < 60, took
