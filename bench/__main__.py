@@ -39,7 +39,7 @@ SUITE: list[tuple[str, list[str], list[str]]] = [
     ("kNN", ["knn.py", "--n", "20000", "--queries", "200"], ["knn.py", "--n", "1000000"]),
     ("reinforce", ["knn.py", "--reinforce", "--samples", "64"], ["knn.py", "--reinforce"]),
     ("LLM client", ["llm_client.py", "--requests", "64", "--images", "16"], ["llm_client.py"]),
-    ("rerun", ["resume.py", "--samples", "400", "--no-rerun"], ["resume.py"]),
+    ("rerun", ["resume.py", "--samples", "300", "--checks", "1", "--no-rerun"], ["resume.py"]),
     ("streaming", ["streaming.py", "--samples", "600", "--repeat", "1"], ["streaming.py"]),
     ("trainer", ["train.py", "--steps", "20", "--warmup", "5", "--repeat", "1"], ["train.py"]),
     ("CLIP filter quality", ["clip_filter_quality.py", "--samples", "600", "--heldout", "400", "--steps", "20",
