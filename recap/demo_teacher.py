@@ -31,6 +31,8 @@ def demo_teacher(world_dir: Path, out: Path, *, steps: int = STEPS, batch: int =
                  threads: int = 2) -> tuple[str, bool]:
     """(checkpoint path, trained now?): the cached checkpoint when it was made from this world with
     these settings, else a new one trained by ``recap.trainer``."""
+    # a held-out split smaller than a batch still trains, in batches of the whole split
+    batch = max(1, min(batch, int(json.loads((world_dir / "world.json").read_text()).get("heldout") or batch)))
     key = _key(world_dir, steps, batch, seed)
     record = out / "teacher.json"
     if record.is_file():

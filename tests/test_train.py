@@ -274,6 +274,16 @@ def test_empty_shard_list_fails_before_step_one(tmp_path):
     assert not (tmp_path / "run/checkpoints").exists()
 
 
+def test_data_smaller_than_one_batch_is_named_not_looped_over(tmp_path):
+    from recap.world.generate import generate_world
+
+    generate_world(tmp_path / "w", samples=20, heldout=10, seed=3, port=8765)
+    f = _cfg(tmp_path, tmp_path / "w" / "heldout", **{"data.batch_size": 16})
+    r = subprocess.run([sys.executable, "-m", "recap.cli", "train", str(f)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 1 and "no full batch of 16" in r.stderr and "data.batch_size" in r.stderr, r.stderr[-2000:]
+
+
 def test_bad_train_file_exits_2(tmp_path):
     f = tmp_path / "t.yaml"
     f.write_text("output: x\nsteps: 0\ndata: {path: y, batch_sise: 3}\n")

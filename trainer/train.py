@@ -286,6 +286,7 @@ def _train(cfg: TrainConfig, resume: str | None, stop_after: int | None) -> dict
         saved_at = step
 
     while step < last:
+        fresh, epoch_start = consumed == 0, step
         ds = dataset(epoch)
         it = iter(make_loader(ds, cfg.data.batch_size, cfg.data.workers))
         for _ in range(consumed):  # resume inside an epoch: the same stream, minus what was used
@@ -350,6 +351,12 @@ def _train(cfg: TrainConfig, resume: str | None, stop_after: int | None) -> dict
             log.warning("stopped by %s after step %d, checkpoint written: resume with --resume latest",
                         summary["preempted"], step)
             break
+        if fresh and step == epoch_start:
+            # Every batch is whole (drop_last): data smaller than one batch would loop over empty
+            # epochs for ever.
+            metrics.close()
+            raise ValueError(f"{cfg.data.path}: a whole epoch gives no full batch of {cfg.data.batch_size} samples "
+                             f"x {cfg.optim.accum} micro-batches per rank ({world} ranks); lower data.batch_size")
         epoch, consumed = epoch + 1, 0
         summary.setdefault("skipped", {})
         for k, v in getattr(ds, "stats", {}).items():
