@@ -464,12 +464,12 @@ class ReinforceStage(GlobalStage):
                  "    coverage: " + ", ".join(f"{k} {v} ({100 * v / n:.0f}%)" for k, v in cov.items() if k != "samples")]
         ex = s.get("example")
         if ex:
-            lines.append(f"    example {ex['uid']}: txt {ex['txt']!r}")
+            lines.append(f"    example {ex['uid']}: txt {_clip(ex['txt'])}")
             for t, src in zip(ex.get("syn_text", []), ex.get("syn_source", [])):
-                lines.append(f"      syn ({src}): {t!r}")
+                lines.append(f"      syn ({src}): {_clip(t)}")
             negs = list(zip(ex.get("neg_text_short", []), ex.get("neg_type", [])))
             for t, typ in negs[:8]:
-                lines.append(f"      neg ({typ}): {t!r}")
+                lines.append(f"      neg ({typ}): {_clip(t)}")
             if len(negs) > 8:
                 lines.append(f"      ... {len(negs) - 8} more negatives")
             if ex.get("hard_neg_uids"):
@@ -477,6 +477,12 @@ class ReinforceStage(GlobalStage):
                              + (" ..." if len(ex["hard_neg_uids"]) > 4 else ""))
             lines.append("      embeddings: " + ", ".join(f"{k} {v}" for k, v in ex.get("shapes", {}).items()))
         return lines
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """A text as the report shows it: quoted, and cut with its length said when it is long (a web
+    caption can be megabytes)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text):,} characters)"
 
 
 def _example(s: dict) -> dict:

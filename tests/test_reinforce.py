@@ -382,3 +382,15 @@ def test_a_resumed_run_with_another_shard_size_leaves_no_stale_tar(ray_local, fo
         assert [sizes[k] for k in sorted(sizes)] == want, extra
         if not extra:  # one tar per pipeline shard again: no partial tar waits in parts/
             assert not any((out / "reinforced/parts").glob("*.tar"))
+
+
+def test_inspect_cuts_a_huge_text_and_says_its_length():
+    from recap.stages.reinforce import ReinforceStage
+
+    huge = "spam " * 200_000
+    summary = {"samples": 1, "shards": 1, "output": "reinforced", "teachers": ["t"], "n_aug": 1,
+               "coverage": {"samples": 1}, "example": {"uid": "u", "txt": huge, "syn_text": [huge], "syn_source": ["x"],
+                                                      "neg_text_short": [huge], "neg_type": ["knn_text"]}}
+    lines = ReinforceStage.summary_lines(summary)
+    assert max(len(line) for line in lines) < 300
+    assert sum("(1,000,000 characters)" in line for line in lines) == 3
