@@ -73,7 +73,7 @@ def valid_content(system: str, user: str, image: bool, seed: int) -> str:
         return f"a picture of shape {seed % 97}. Second sentence here"
     if image:
         return f"a picture fusing {cap} with what is seen"
-    return f"a new rewrite of {cap} number {seed % 1000}\nsecond line that is cut"
+    return f"a new rewrite of {cap} number {seed}\nsecond line that is cut"  # the whole seed: two never collide
 
 
 class LLMServer:

@@ -44,7 +44,7 @@ def test_valid_replies_run_concurrently_and_in_order():
         t0 = time.monotonic()
         out = b.generate(_reqs(8), on_reply=lambda i, r: seen.append(i))
         took = time.monotonic() - t0
-    assert [r.text.split("\n")[0] for r in out] == [f"a new rewrite of a red circle number {i}" for i in range(8)]
+    assert [r.text.split("\n")[0] for r in out] == [f"a new rewrite of a red circle number {1000 + i}" for i in range(8)]
     assert sorted(seen) == list(range(8))
     assert 2 <= srv.max_in_flight <= 4
     assert took < 8 * 0.1 * 0.75  # one at a time would take 0.8 s
