@@ -204,17 +204,15 @@ class DedupStage(GlobalStage):
                 out[g] = thumb
         return out
 
-    def _confirmed(self, a: list[bytes | None], b: list[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
-        """(whether each hash match is confirmed by its thumbnails, their RMSE) for paired thumbnails."""
+    def _confirmed(self, a: list[bytes | None], b: list[bytes | None]) -> np.ndarray:
+        """Whether each hash match is confirmed by its paired thumbnails (a missing one never is)."""
         from recap.stages.near_duplicates import thumbnail_rmse
 
-        if self.config.phash_rmse is None:
-            return np.ones(len(a), bool), np.zeros(len(a), np.float32)
         both = [x is not None and y is not None for x, y in zip(a, b)]
         rmse = np.full(len(a), np.inf, np.float32)
         at = np.nonzero(both)[0]
         rmse[at] = thumbnail_rmse([a[k] for k in at], [b[k] for k in at])
-        return rmse <= self.config.phash_rmse, rmse
+        return rmse <= self.config.phash_rmse
 
     # Each method below drops from ``alive`` (in place) what it removes, and says why in ``drops``.
 
@@ -245,7 +243,7 @@ class DedupStage(GlobalStage):
         unconfirmed = 0
         if self.config.phash_rmse is not None and len(q):
             theirs = self._thumbnails(rows, pool[j])
-            ok, _ = self._confirmed([thumbs[k] for k in q.tolist()], [theirs[g] for g in pool[j].tolist()])
+            ok = self._confirmed([thumbs[k] for k in q.tolist()], [theirs[g] for g in pool[j].tolist()])
             unconfirmed = int((~ok).sum())
             q, j, d = q[ok], j[ok], d[ok]
         best: dict[int, tuple[int, int]] = {}
@@ -268,7 +266,7 @@ class DedupStage(GlobalStage):
         unconfirmed = 0
         if self.config.phash_rmse is not None and len(i):
             thumbs = self._thumbnails(rows, np.concatenate([idx[i], idx[j]]))
-            ok, _ = self._confirmed([thumbs[g] for g in idx[i].tolist()], [thumbs[g] for g in idx[j].tolist()])
+            ok = self._confirmed([thumbs[g] for g in idx[i].tolist()], [thumbs[g] for g in idx[j].tolist()])
             unconfirmed = int((~ok).sum())
             i, j = i[ok], j[ok]
         label = components(len(idx), i, j)
